@@ -1,0 +1,4 @@
+from drift_engine.cli import main
+
+if __name__ == "__main__":
+    main()
