@@ -33,6 +33,11 @@ class CrossEntropyOptions:
     # Rows of logits materialised at once (a chunk is chunk_size x V); None lets the
     # backend choose from the problem size and free memory.
     chunk_size: int | None = None
+    # How the Triton backend walks the (N, V) logits: "token_chunks" (fastest: 3 GEMMs,
+    # grad of weight accumulated in fp32 across chunks), "vocab_slabs" (memory-lean: the
+    # log-sum-exp first, then each vocabulary slab once, grad of weight written once;
+    # 4 GEMMs), or "auto". The torch backend always uses token chunks.
+    schedule: Literal["auto", "token_chunks", "vocab_slabs"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,55 @@
+"""The environment interface: how a multi-turn task checks answers and gives feedback.
+
+An environment is stateless: everything about an episode is in its problem (a dict from a
+JSONL line) and the turn index, so rollouts of many trajectories can share one instance.
+
+    messages = env.initial_messages(problem)          # chat messages before the 1st answer
+    for turn in range(1, max_turns + 1):
+        answer = policy(messages)
+        result = env.step(problem, answer, turn)
+        if result.done: break
+        messages += [assistant(answer), user(result.feedback)]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Problem = dict[str, Any]
+
+DEFAULT_FEEDBACK = "Incorrect. Please think again."
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the environment says about one assistant answer."""
+
+    reward: float  # 1.0 if correct else 0.0 for the built-in environments
+    done: bool  # the episode ends (a correct answer; the turn limit is the loop's business)
+    feedback: str | None  # the user message that follows when not done
+    answer: str | None  # the normalised parsed answer; None when it could not be parsed
+    correct: bool
+
+    @property
+    def parsed(self) -> bool:
+        return self.answer is not None
+
+
+class Environment(ABC):
+    """A multi-turn task: problems in, first messages out; answers in, reward and feedback out."""
+
+    name: str = "environment"
+
+    @abstractmethod
+    def initial_messages(self, problem: Problem) -> list[Message]:
+        """The chat messages the policy sees before its first answer."""
+
+    @abstractmethod
+    def step(self, problem: Problem, answer: str, turn: int) -> StepResult:
+        """Check the assistant's `answer` at `turn` (1-based) and say what happens next."""
+
+    def validate_problem(self, problem: Problem) -> None:
+        """Raise EnvironmentSpecError if `problem` lacks what this environment needs."""
