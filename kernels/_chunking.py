@@ -1,0 +1,138 @@
+"""Shared pieces of the Triton loss launchers: chunk sizing and fp32-accumulating GEMMs.
+
+The launchers in ``cross_entropy.py`` and ``logprobs.py`` leave the three large GEMMs of
+a linear loss (logits, grad of hidden, grad of weight) to cuBLAS and fuse everything
+row-wise in Triton. What they share lives here:
+
+* how many logit rows (or vocabulary columns) are materialised at once, from a byte
+  budget, so that the largest temporary has a known size;
+* ``matmul_accumulate``: ``acc (fp32) += a @ b`` for low-precision ``a``/``b``, using
+  cuBLAS's fp32-output GEMM where the running torch has it, so an accumulator spread over
+  chunks never rounds to bf16/fp16 between chunks;
+* the row-kernel launch configuration (block size and warps per row).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+
+# Largest logits temporary of the "token_chunks" schedule, in bytes. One chunk covering
+# every row is fastest (grad of weight is then one GEMM written once, no fp32
+# accumulator); at this budget both benchmark presets (8192 x 128256 and 16384 x 151936
+# bf16) run in one or three chunks, still several times below PyTorch's dense fp32 logits.
+TOKEN_CHUNK_BUDGET_BYTES = 2 * 1024**3
+
+# Largest logits slab of the "vocab_slabs" schedule's gradient pass, in bytes. Small
+# enough to stay a minor part of the peak next to the gradient buffers, large enough that
+# each slab GEMM (N x H x slab) keeps cuBLAS near its peak for N in the thousands.
+VOCAB_SLAB_BUDGET_BYTES = 128 * 1024**2
+
+# Chunk row counts and slab widths are rounded to multiples of these (GEMM-friendly tiles).
+ROW_MULTIPLE = 64
+COLUMN_MULTIPLE = 256
+
+# Row kernels sweep one row in blocks of at most this many columns.
+MAX_BLOCK_V = 4096
+
+
+def rows_per_chunk(num_rows: int, row_bytes: int, budget_bytes: int) -> int:
+    """Rows per chunk so that a chunk of ``row_bytes``-sized rows fits ``budget_bytes``.
+
+    The rows are split into equal chunks (the last one possibly shorter), each a multiple
+    of ROW_MULTIPLE rows unless one chunk holds everything.
+    """
+    if num_rows <= 0:
+        return 1
+    max_rows = max(1, budget_bytes // max(1, row_bytes))
+    if max_rows >= num_rows:
+        return num_rows
+    num_chunks = math.ceil(num_rows / max_rows)
+    rows = math.ceil(num_rows / num_chunks)
+    # Round up to a tile multiple when that still fits the budget; otherwise keep `rows`.
+    rounded = math.ceil(rows / ROW_MULTIPLE) * ROW_MULTIPLE
+    return min(rounded, num_rows) if rounded <= max_rows else rows
+
+
+def columns_per_slab(num_columns: int, column_bytes: int, budget_bytes: int) -> int:
+    """Vocabulary columns per slab so that a slab of ``column_bytes``-sized columns fits."""
+    if num_columns <= 0:
+        return 1
+    max_columns = max(1, budget_bytes // max(1, column_bytes))
+    if max_columns >= num_columns:
+        return num_columns
+    num_slabs = math.ceil(num_columns / max_columns)
+    columns = math.ceil(num_columns / num_slabs)
+    rounded = math.ceil(columns / COLUMN_MULTIPLE) * COLUMN_MULTIPLE
+    return min(rounded, num_columns) if rounded <= max_columns else columns
+
+
+def chunk_bounds(total: int, step: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``range(total)`` in steps of ``step``."""
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def row_kernel_config(num_columns: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row kernel sweeping ``num_columns`` columns.
+
+    The block is a power of two no wider than the row (under the Triton interpreter a
+    masked lane costs as much as a real one), capped at MAX_BLOCK_V.
+    """
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(1, num_columns)))
+    num_warps = 8 if block_v >= 2048 else 4
+    return block_v, num_warps
+
+
+@functools.cache
+def _has_fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=float32)`` and the in-place
+    ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` work for ``dtype`` inputs.
+
+    cuBLAS can multiply bf16/fp16 matrices into an fp32 output (torch >= 2.8 on CUDA
+    exposes it as ``out_dtype``); older torch or other devices lack the overloads. Checked
+    once per (device type, dtype) on a small exact problem, used as the launchers use them.
+    """
+    try:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device_type)
+        b = torch.tensor([[0.5, 1.0], [1.5, 2.0]], dtype=dtype, device=device_type)
+        acc = torch.full((2, 2), 0.25, dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        expected = torch.tensor([[3.75, 5.25], [7.75, 11.25]], device=device_type)
+        product = torch.mm(a, b, out_dtype=torch.float32)
+        return bool(torch.equal(acc, expected)) and product.dtype == torch.float32
+
+    except Exception:  # missing overload, unsupported backend or dtype
+        return False
+
+
+def matmul_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the input dtype.
+
+    With an fp32-output GEMM available, the product is added inside cuBLAS with no
+    temporary. Otherwise the product is formed in the input dtype (fp32 accumulation
+    inside the GEMM, one rounding) and added to the fp32 accumulator: one rounding per
+    chunk, never a running sum in low precision.
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _has_fp32_out_gemm(acc.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as a new fp32 tensor (first term of an fp32 accumulator, no memset)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if _has_fp32_out_gemm(a.device.type, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def sum_rows_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Column sums of a (R, C) matrix in fp32: the bias gradient of a chunk."""
+    return x.sum(dim=0, dtype=torch.float32)

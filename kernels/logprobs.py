@@ -1,0 +1,257 @@
+"""Triton backend of the fused linear log-probs / entropy (``impl="triton"``).
+
+Same split as ``cross_entropy.py``: cuBLAS does the GEMMs on row chunks, Triton does the
+row-wise work in fp32. Over s = (h·Wᵀ + b) / T, lse = logsumexp(s), p = softmax(s):
+    logprob = s_y - lse            (0 for rows labelled ignore_index)
+    entropy = lse - Σ_j p_j s_j    (every row)
+    ∂logprob/∂s_j = [j = y] - p_j
+    ∂entropy/∂s_j = -p_j (s_j - Σ_k p_k s_k)
+and ∂s/∂x = 1/T. The forward keeps only lse per row (N floats); the backward recomputes
+each chunk's logits (one GEMM), overwrites them with the grad-logits, and runs the two
+gradient GEMMs, so forward + backward costs 4 GEMMs and never holds more than one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from drift_engine.kernels._chunking import (
+    TOKEN_CHUNK_BUDGET_BYTES,
+    chunk_bounds,
+    matmul_accumulate,
+    matmul_fp32,
+    row_kernel_config,
+    rows_per_chunk,
+    sum_rows_fp32,
+)
+
+from drift_engine.ops.options import LogProbOptions
+
+__all__ = ["logprobs_forward", "logprobs_backward"]
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,  # (R, V) input dtype, raw x = h·Wᵀ + b
+    logits_row_stride,
+    labels_ptr,  # (R,) int64
+    logprob_ptr,  # (R,) fp32 out
+    entropy_ptr,  # (R,) fp32 out (HAS_ENTROPY)
+    lse_ptr,  # (R,) fp32 out
+    n_cols,
+    ignore_index,
+    inv_temperature,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride  # 64-bit: R·V may exceed 2^31
+    cols = tl.arange(0, BLOCK_V)
+
+    # One online sweep: max m, Σ e^(s-m), and Σ e^(s-m)·s, all rescaled when m grows.
+    running_max = -float("inf")
+    running_sum = 0.0
+    running_dot = 0.0  # Σ e^(s-m)·s, for the entropy's Σ p·s
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_temperature
+        s_masked = tl.where(mask, s, -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(s_masked, axis=0))
+        rescale = tl.exp(running_max - new_max)
+        e = tl.exp(s_masked - new_max)  # 0 on masked lanes
+        running_sum = running_sum * rescale + tl.sum(e, axis=0)
+        if HAS_ENTROPY:
+            running_dot = running_dot * rescale + tl.sum(tl.where(mask, e * s, 0.0), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(lse_ptr + row, lse)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, lse - running_dot / running_sum)
+
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    s_target = tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) * inv_temperature
+    tl.store(logprob_ptr + row, tl.where(ignored, 0.0, s_target - lse))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,  # (R, V) input dtype: raw logits in, grad wrt raw logits out
+    logits_row_stride,
+    labels_ptr,  # (R,) int64
+    lse_ptr,  # (R,) fp32 from the forward
+    grad_logprob_ptr,  # (R,) fp32 (HAS_GRAD_LOGPROB)
+    grad_entropy_ptr,  # (R,) fp32 (HAS_GRAD_ENTROPY)
+    n_cols,
+    ignore_index,
+    inv_temperature,
+    HAS_GRAD_LOGPROB: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    cols = tl.arange(0, BLOCK_V)
+    lse = tl.load(lse_ptr + row)
+    label = tl.load(labels_ptr + row)
+
+    grad_logprob = 0.0
+    if HAS_GRAD_LOGPROB:
+        grad_logprob = tl.load(grad_logprob_ptr + row)
+        grad_logprob = tl.where(label == ignore_index, 0.0, grad_logprob)
+    grad_entropy = 0.0
+    mean_s = 0.0  # Σ p·s (the forward's entropy is not kept: recompute it here)
+    if HAS_GRAD_ENTROPY:
+        grad_entropy = tl.load(grad_entropy_ptr + row)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            mask = offs < n_cols
+            s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_temperature
+            p = tl.where(mask, tl.exp(s - lse), 0.0)
+            mean_s += tl.sum(p * s, axis=0)
+
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        s = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_temperature
+        p = tl.exp(s - lse)
+        # grad_logprob·([j = y] - p_j) + grad_entropy·(-p_j (s_j - Σ p s)), then 1/T.
+        grad = tl.where(offs == label, grad_logprob, 0.0) - p * (
+            grad_logprob + grad_entropy * (s - mean_s)
+        )
+        grad *= inv_temperature
+        tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _chunk_rows(opts: LogProbOptions, num_rows: int, weight: torch.Tensor) -> int:
+    return opts.chunk_size or rows_per_chunk(
+        num_rows, weight.shape[0] * weight.element_size(), TOKEN_CHUNK_BUDGET_BYTES
+    )
+
+
+def _logits(
+    hidden: torch.Tensor,  # (C, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+) -> torch.Tensor:
+    """(C, V) raw logits in the input dtype (temperature is applied in the kernels)."""
+    if bias is None:
+        return hidden @ weight.T
+    return torch.addmm(bias, hidden, weight.T)
+
+
+def logprobs_forward(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(logprobs (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32)``; lse is of the
+    tempered logits and is what ``logprobs_backward`` needs."""
+    num_rows = hidden.shape[0]
+    device = hidden.device
+    logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(num_rows, dtype=torch.float32, device=device)
+    entropy = (
+        torch.empty(num_rows, dtype=torch.float32, device=device) if opts.return_entropy else None
+    )
+    for start, end in chunk_bounds(num_rows, _chunk_rows(opts, num_rows, weight)):
+        logits = _logits(hidden[start:end], weight, bias)  # (C, V)
+        block_v, num_warps = row_kernel_config(logits.shape[1])
+        _logprobs_fwd_kernel[(end - start,)](
+            logits,
+            logits.stride(0),
+            labels[start:end],
+            logprobs[start:end],
+            entropy[start:end] if entropy is not None else lse[start:end],
+            lse[start:end],
+            logits.shape[1],
+            opts.ignore_index,
+            1.0 / float(opts.temperature),
+            HAS_ENTROPY=entropy is not None,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+        del logits
+    return logprobs, entropy, lse
+
+
+def logprobs_backward(
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64
+    lse: torch.Tensor,  # (N,) fp32 from logprobs_forward
+    grad_logprobs: torch.Tensor | None,  # (N,) upstream gradient of logprobs
+    grad_entropy: torch.Tensor | None,  # (N,) upstream gradient of entropy
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``Σ grad_logprobs·logprobs + Σ grad_entropy·entropy`` w.r.t. hidden,
+    weight and bias (None for a None bias), in their inputs' dtypes. Chunk logits are
+    recomputed; grad of weight accumulates in fp32 when there are several chunks."""
+    num_rows = hidden.shape[0]
+    if grad_logprobs is None and grad_entropy is None:
+        return (
+            torch.zeros_like(hidden),
+            torch.zeros_like(weight),
+            torch.zeros_like(bias) if bias is not None else None,
+        )
+    if grad_logprobs is not None:
+        grad_logprobs = grad_logprobs.to(torch.float32).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.to(torch.float32).contiguous()
+    chunks = chunk_bounds(num_rows, _chunk_rows(opts, num_rows, weight))
+
+    grad_hidden = torch.empty_like(hidden)  # (N, H)
+    grad_weight = None  # (V, H) when one chunk covers all rows
+    grad_weight_acc = None  # (V, H) fp32 across several chunks
+    grad_bias_acc = None  # (V,) fp32
+    for start, end in chunks:
+        hidden_chunk = hidden[start:end]  # (C, H)
+        logits = _logits(hidden_chunk, weight, bias)  # (C, V)
+        block_v, num_warps = row_kernel_config(logits.shape[1])
+        _logprobs_bwd_kernel[(end - start,)](
+            logits,
+            logits.stride(0),
+            labels[start:end],
+            lse[start:end],
+            grad_logprobs[start:end] if grad_logprobs is not None else lse[start:end],
+            grad_entropy[start:end] if grad_entropy is not None else lse[start:end],
+            logits.shape[1],
+            opts.ignore_index,
+            1.0 / float(opts.temperature),
+            HAS_GRAD_LOGPROB=grad_logprobs is not None,
+            HAS_GRAD_ENTROPY=grad_entropy is not None,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+        grad_logits = logits  # (C, V), overwritten in place
+        torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if len(chunks) == 1:
+            grad_weight = grad_logits.T @ hidden_chunk  # (V, H), written once
+        elif grad_weight_acc is None:
+            grad_weight_acc = matmul_fp32(grad_logits.T, hidden_chunk)
+        else:
+            matmul_accumulate(grad_weight_acc, grad_logits.T, hidden_chunk)
+        if bias is not None:
+            chunk_grad_bias = sum_rows_fp32(grad_logits)
+            grad_bias_acc = (
+                chunk_grad_bias if grad_bias_acc is None else grad_bias_acc + chunk_grad_bias
+            )
+        del logits, grad_logits
+
+    if grad_weight is None:
+        grad_weight = (
+            grad_weight_acc.to(weight.dtype)
+            if grad_weight_acc is not None
+            else torch.zeros_like(weight)
+        )
+    grad_bias = None
+    if bias is not None:
+        grad_bias = (
+            grad_bias_acc.to(bias.dtype) if grad_bias_acc is not None else torch.zeros_like(bias)
+        )
+    return grad_hidden, grad_weight, grad_bias
