@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from drift_engine.errors import EnvironmentSpecError
+
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 Problem = dict[str, Any]
 
@@ -42,6 +44,9 @@ class Environment(ABC):
     """A multi-turn task: problems in, first messages out; answers in, reward and feedback out."""
 
     name: str = "environment"
+    # Fields every problem must have (after the loader's field renaming); checked by the
+    # default `validate_problem`.
+    required_fields: tuple[str, ...] = ()
 
     @abstractmethod
     def initial_messages(self, problem: Problem) -> list[Message]:
@@ -53,3 +58,15 @@ class Environment(ABC):
 
     def validate_problem(self, problem: Problem) -> None:
         """Raise EnvironmentSpecError if `problem` lacks what this environment needs."""
+        missing = [f for f in self.required_fields if problem.get(f) in (None, "")]
+        if missing:
+            present = ", ".join(sorted(problem)) or "none"
+            raise EnvironmentSpecError(
+                f"the {self.name!r} environment needs the field(s) {', '.join(missing)} in every "
+                f"problem, but a problem has only: {present}. Rename the fields in the file or "
+                f"map them with --field NAME=FILE_FIELD (e.g. --field {missing[0]}=<your field>)."
+            )
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable settings of this instance, recorded in the rollout file's metadata."""
+        return {}

@@ -1,0 +1,104 @@
+"""Generation engines (HF generate, vLLM) and the multi-turn rollout loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drift_engine.errors import ConfigError
+from drift_engine.rollout.chat import ChatFormatter
+from drift_engine.rollout.engine import Engine, Generation, SamplingParams, request_seed
+from drift_engine.rollout.loop import (
+    RolloutRun,
+    TemplateReport,
+    Trajectory,
+    TurnStats,
+    collect_trajectories,
+    format_turn_stats,
+    run_rollouts,
+    shard_from_env,
+    shard_range,
+    to_rollout_set,
+    turn_stats,
+    write_preview,
+)
+
+__all__ = [
+    "ChatFormatter",
+    "Engine",
+    "Generation",
+    "RolloutRun",
+    "SamplingParams",
+    "TemplateReport",
+    "Trajectory",
+    "TurnStats",
+    "collect_trajectories",
+    "create_engine",
+    "format_turn_stats",
+    "load_tokenizer",
+    "request_seed",
+    "run_rollouts",
+    "shard_from_env",
+    "shard_range",
+    "to_rollout_set",
+    "turn_stats",
+    "write_preview",
+]
+
+
+def create_engine(
+    kind: str,
+    model: str,
+    *,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+    device: str | None = None,
+    max_batch_size: int = 64,
+    seed: int = 0,
+    pad_token_id: int | None = None,
+    trust_remote_code: bool = False,
+) -> Engine:
+    """``kind``: "hf", "vllm", or "auto" (vLLM when installed and a GPU is visible, else HF)."""
+    import torch
+
+    from drift_engine.rollout.vllm import VLLMEngine, vllm_available
+
+    if kind == "auto":
+        kind = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    if kind == "vllm":
+        return VLLMEngine(
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
+    if kind == "hf":
+        if tensor_parallel_size != 1:
+            raise ConfigError(
+                "the HF engine runs one model per process (tensor_parallel_size=1); use "
+                "--engine vllm for tensor parallelism, or shard prompts over processes."
+            )
+        from drift_engine.rollout.hf import HFEngine
+
+        return HFEngine.from_pretrained(
+            model,
+            device=device,
+            dtype=dtype,
+            pad_token_id=pad_token_id,
+            max_batch_size=max_batch_size,
+            trust_remote_code=trust_remote_code,
+        )
+    raise ConfigError(f"unknown engine {kind!r}: use auto, hf or vllm.")
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder or hub name, with a clear error when it is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot load a tokenizer from {path!r}: {err}. The model folder needs its "
+            "tokenizer files (tokenizer.json / tokenizer_config.json)."
+        ) from None

@@ -1,0 +1,427 @@
+"""The ``math`` environment: a final answer in ``<answer>…</answer>`` or ``\\boxed{…}``.
+
+An answer is correct when it is equivalent to the reference by, in order:
+
+1. normalised string (LaTeX spacing, ``\\left``/``\\right``, ``\\dfrac``, degrees, a leading
+   ``x =``, thousands separators, trailing unit words and ``\\text{…}`` units removed);
+2. numeric value (integers, decimals, fractions ``a/b`` and ``\\frac{a}{b}``, percentages,
+   compared exactly as rationals; ``50%`` matches both ``50`` and ``0.5``);
+3. symbolic equality with sympy (``x+1`` vs ``1+x``, ``\\sqrt{8}`` vs ``2\\sqrt{2}``), on a
+   whitelisted expression grammar (model output is never evaluated as arbitrary Python) and
+   under a time limit;
+4. math-verify, when the ``math-verify`` package is installed.
+
+Tuples compare element by element, in order.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+from contextlib import contextmanager
+from fractions import Fraction
+from typing import Any
+
+from drift_engine.envs.base import DEFAULT_FEEDBACK, Environment, Message, Problem, StepResult
+from drift_engine.errors import EnvironmentSpecError
+
+DEFAULT_MATH_PROMPT = (
+    "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+)
+
+# ---------------------------------------------------------------------------- extraction
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def _braced(text: str, open_index: int) -> tuple[str, int] | None:
+    """Content of the brace group opening at ``text[open_index] == "{"`` and the index after it."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_index + 1 : i], i + 1
+    return None
+
+
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    """(start, content) of the last complete ``\\boxed{…}`` (nested braces) or ``\\boxed x``."""
+    found = None
+    for match in _BOXED.finditer(text):
+        end = match.end()
+        if end < len(text) and text[end] == "{":
+            group = _braced(text, end)
+            if group is not None:
+                found = (match.start(), group[0])
+        else:  # "\boxed 5": the argument runs to the next whitespace or "$"
+            bare = re.match(r"[^\s$]+", text[end:])
+            if bare:
+                found = (match.start(), bare.group(0))
+    return found
+
+
+def extract_math_answer(text: str) -> str | None:
+    """The final answer of a response: the last ``<answer>…</answer>`` or ``\\boxed{…}``,
+    whichever comes later; a ``\\boxed`` inside the answer tag is unwrapped. None if absent."""
+    candidates: list[tuple[int, str]] = []
+    tags = list(_ANSWER_TAG.finditer(text))
+    if tags:
+        inner = tags[-1].group(1)
+        boxed = _last_boxed(inner)
+        candidates.append((tags[-1].start(), boxed[1] if boxed else inner))
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        candidates.append(boxed)
+    if not candidates:
+        return None
+    answer = max(candidates, key=lambda c: c[0])[1].strip()
+    return answer or None
+
+
+# ------------------------------------------------------------------------- normalisation
+
+_UNIT_WORDS = (
+    "square units|units|unit|degrees|degree|dollars|dollar|cents|cent|percent|"
+    "cm|mm|km|m|meters|meter|metres|metre|inches|inch|in|feet|foot|ft|yards|yard|miles|mile|"
+    "seconds|second|sec|s|minutes|minute|min|hours|hour|hr|days|day|weeks|week|years|year|"
+    "kg|g|grams|gram|pounds|pound|lbs|lb|liters|liter|litres|litre|l|ml|mph|km/h"
+)
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_TRAILING_UNIT = re.compile(rf"^({_NUMBER}|{_NUMBER}/\d+|\\frac\{{[^{{}}]*\}}\{{[^{{}}]*\}})\s*(?:{_UNIT_WORDS})(?:\^?[23])?$")
+_TEXT_BLOCK = re.compile(r"\\(?:text|textbf|mbox|mathrm|textrm|operatorname)\s*\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])")
+_ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[^=])")
+
+
+def normalize_math_answer(answer: str) -> str:
+    """A canonical string form of an answer (see the module docstring)."""
+    s = answer.strip()
+    s = re.sub(r"^\$+|\$+$", "", s).strip()
+    s = re.sub(r"^\\[\[(]|\\[\])]$", "", s).strip()
+    for token in ("\\displaystyle", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad"):
+        s = s.replace(token, " " if token.startswith("\\q") else "")
+    s = s.replace("\\ ", " ").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\%", "%").replace("\\$", "").replace("$", "")
+    s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)
+    # Unit and word blocks: "\text{ cm}" after a number goes, "\text{yes}" alone keeps its text.
+    s = _TEXT_BLOCK.sub(lambda m: " " + m.group(1).strip() + " ", s).strip()
+    s = _ASSIGNMENT.sub("", s, count=1)
+    s = _THOUSANDS.sub(lambda m: m.group(1).replace(",", ""), s)
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    unit = _TRAILING_UNIT.match(s)
+    if unit:
+        s = unit.group(1)
+    s = s.replace(" ", "")
+    if re.fullmatch(r"[A-Za-z]+", s):
+        s = s.lower()
+    # "0.50" and "+3" as plain numbers
+    if re.fullmatch(r"[-+]?\d+\.\d*0+", s):
+        s = s.rstrip("0").rstrip(".")
+    if s.startswith("+") and re.fullmatch(r"\+\d+(?:\.\d+)?", s):
+        s = s[1:]
+    return s
+
+
+# ------------------------------------------------------------------------------ numbers
+
+_FRAC = re.compile(r"^([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
+_FRAC_SHORT = re.compile(r"^([-+]?)\\frac(\d)(\d)$")
+
+
+def _rational(s: str) -> Fraction | None:
+    if re.fullmatch(_NUMBER, s) or re.fullmatch(rf"{_NUMBER}[eE][-+]?\d{{1,3}}", s):
+        return Fraction(s)
+    m = re.fullmatch(rf"({_NUMBER})/({_NUMBER})", s)
+    if m is None:
+        m2 = _FRAC.match(s) or _FRAC_SHORT.match(s)
+        if m2 is None:
+            return None
+        sign, num, den = m2.groups()
+        num_v, den_v = _rational(num), _rational(den)
+        if num_v is None or den_v is None or den_v == 0:
+            return None
+        return -num_v / den_v if sign == "-" else num_v / den_v
+    num_v, den_v = Fraction(m.group(1)), Fraction(m.group(2))
+    return None if den_v == 0 else num_v / den_v
+
+
+def _numeric_values(s: str) -> set[Fraction]:
+    """The values a normalised answer may mean: a percentage means both x and x/100."""
+    if s.endswith("%"):
+        value = _rational(s[:-1])
+        return set() if value is None else {value, value / 100}
+    value = _rational(s)
+    return set() if value is None else {value}
+
+
+# ------------------------------------------------------------------------------ symbolic
+
+_ALLOWED_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp", "E", "I"}
+_LATEX_WORDS = {
+    "\\pi": " pi ", "\\infty": " oo ", "\\cdot": "*", "\\times": "*", "\\div": "/",
+    "\\sin": " sin", "\\cos": " cos", "\\tan": " tan", "\\ln": " log", "\\log": " log",
+    "\\exp": " exp",
+}
+
+
+def _latex_to_expr(s: str) -> str | None:
+    """A sympy-parsable expression for a small LaTeX subset, or None outside that subset."""
+    out = []
+    i = 0
+    while i < len(s):
+        if s.startswith("\\frac", i) or s.startswith("\\sqrt", i):
+            is_frac = s.startswith("\\frac", i)
+            i += 5
+            root = None
+            if not is_frac and i < len(s) and s[i] == "[":
+                close = s.find("]", i)
+                if close < 0:
+                    return None
+                root, i = _latex_to_expr(s[i + 1 : close]), close + 1
+            args = []
+            for _ in range(2 if is_frac else 1):
+                if i < len(s) and s[i] == "{":
+                    group = _braced(s, i)
+                    if group is None:
+                        return None
+                    inner, i = group
+                elif i < len(s):  # "\frac12", "\sqrt2"
+                    inner, i = s[i], i + 1
+                else:
+                    return None
+                converted = _latex_to_expr(inner)
+                if converted is None:
+                    return None
+                args.append(converted)
+            if is_frac:
+                out.append(f"(({args[0]})/({args[1]}))")
+            elif root is not None:
+                out.append(f"(({args[0]})**(1/({root})))")
+            else:
+                out.append(f"sqrt({args[0]})")
+            continue
+        if s[i] == "\\":
+            word = re.match(r"\\[A-Za-z]+", s[i:])
+            if word is None or word.group(0) not in _LATEX_WORDS:
+                return None
+            out.append(_LATEX_WORDS[word.group(0)])
+            i += len(word.group(0))
+            continue
+        out.append(s[i])
+        i += 1
+    expr = "".join(out).replace("{", "(").replace("}", ")").replace("^", "**")
+    if not re.fullmatch(r"[0-9A-Za-z+\-*/().\s]*", expr) or "__" in expr:
+        return None
+    # Single-letter variables and known functions only: "yes" must not become y*e*s.
+    if any(len(n) > 1 and n not in _ALLOWED_NAMES for n in re.findall(r"[A-Za-z]+", expr)):
+        return None
+    # Power towers and huge exponents are evaluated eagerly by sympy in C (no interrupt).
+    if re.search(r"\*\*[^*]*\*\*", expr) or any(
+        len(e) > 3 for e in re.findall(r"\*\*\s*\(?\s*(\d+)", expr)
+    ):
+        return None
+    return expr
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """SIGALRM-based limit in the main thread; elsewhere no limit (callers keep inputs small)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _symbolic_equal(a: str, b: str, timeout: float) -> bool:
+    if len(a) > 200 or len(b) > 200:
+        return False
+    expr_a, expr_b = _latex_to_expr(a), _latex_to_expr(b)
+    if expr_a is None or expr_b is None:
+        return False
+    import sympy
+    from sympy.parsing.sympy_parser import (
+        implicit_multiplication_application,
+        parse_expr,
+        standard_transformations,
+    )
+
+    transformations = standard_transformations + (implicit_multiplication_application,)
+    try:
+        with _time_limit(timeout):
+            lhs = parse_expr(expr_a, transformations=transformations)
+            rhs = parse_expr(expr_b, transformations=transformations)
+            return bool(sympy.simplify(lhs - rhs) == 0)
+    except (_Timeout, Exception):
+        return False
+
+
+def _math_verify_equal(reference: str, answer: str) -> bool:
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    try:
+        return bool(verify(parse(f"${reference}$"), parse(f"${answer}$")))
+    except Exception:  # math-verify's own timeouts and parse failures: not equivalent
+        return False
+
+
+def _split_tuple(s: str) -> list[str] | None:
+    """Top-level comma-separated parts of "(a,b)" / "a,b"; None if there is one part."""
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
+        s = s[1:-1]
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    parts.append(s[start:])
+    return parts if len(parts) > 1 else None
+
+
+def math_equal(
+    reference: str, answer: str, *, use_math_verify: bool = True, timeout: float = 2.0
+) -> bool:
+    """Whether ``answer`` is equivalent to ``reference`` (both raw answer strings)."""
+    ref, ans = normalize_math_answer(reference), normalize_math_answer(answer)
+    if not ref or not ans:
+        return False
+    if ref == ans:
+        return True
+    ref_values, ans_values = _numeric_values(ref), _numeric_values(ans)
+    if ref_values and ans_values:
+        return bool(ref_values & ans_values)
+    ref_parts, ans_parts = _split_tuple(ref), _split_tuple(ans)
+    if ref_parts is not None or ans_parts is not None:
+        if ref_parts is None or ans_parts is None or len(ref_parts) != len(ans_parts):
+            return False
+        return all(
+            math_equal(r, a, use_math_verify=use_math_verify, timeout=timeout)
+            for r, a in zip(ref_parts, ans_parts)
+        )
+    if _symbolic_equal(ref, ans, timeout):
+        return True
+    return use_math_verify and _math_verify_equal(reference, answer)
+
+
+def math_verify_available() -> bool:
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _check_template(template: str, env_name: str, fields: tuple[str, ...] = ("question",)) -> None:
+    """A prompt template is a str.format string with the given fields (literal braces doubled)."""
+    try:
+        template.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as err:
+        raise EnvironmentSpecError(
+            f"the {env_name} environment's prompt_template {template!r} is not a valid format "
+            f"string with the fields {{{'}, {'.join(fields)}}} ({err!r}); write literal braces "
+            "doubled, e.g. \\boxed{{}}."
+        ) from None
+    if "{question}" not in template:
+        raise EnvironmentSpecError(
+            f"the {env_name} environment's prompt_template must contain '{{question}}' "
+            f"(got {template!r})."
+        )
+
+
+class MathEnv(Environment):
+    """Free-form math answers checked against ``problem["answer"]``.
+
+    Problem fields: ``question`` (str), ``answer`` (str or number; a ``\\boxed{}`` in it is
+    unwrapped, so a full reference solution works too).
+    """
+
+    name = "math"
+    required_fields = ("question", "answer")
+
+    def __init__(
+        self,
+        *,
+        prompt_template: str = DEFAULT_MATH_PROMPT,
+        system_prompt: str | None = None,
+        feedback: str = DEFAULT_FEEDBACK,
+        use_math_verify: bool | None = None,
+        sympy_timeout: float = 2.0,
+    ) -> None:
+        _check_template(prompt_template, "math")
+        if use_math_verify and not math_verify_available():
+            raise EnvironmentSpecError(
+                "use_math_verify=True but the math-verify package is not installed: "
+                "pip install 'drift-engine[math]' or leave use_math_verify unset."
+            )
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.feedback = feedback
+        self.use_math_verify = (
+            math_verify_available() if use_math_verify is None else bool(use_math_verify)
+        )
+        self.sympy_timeout = float(sympy_timeout)
+
+    def initial_messages(self, problem: Problem) -> list[Message]:
+        messages: list[Message] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        content = self.prompt_template.format(question=problem["question"])
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def reference_answer(self, problem: Problem) -> str:
+        reference = str(problem["answer"])
+        boxed = _last_boxed(reference)
+        return boxed[1] if boxed is not None else reference
+
+    def step(self, problem: Problem, answer: str, turn: int) -> StepResult:
+        parsed = extract_math_answer(answer)
+        if parsed is None or not normalize_math_answer(parsed):
+            return StepResult(0.0, False, self.feedback, None, False)
+        correct = math_equal(
+            self.reference_answer(problem),
+            parsed,
+            use_math_verify=self.use_math_verify,
+            timeout=self.sympy_timeout,
+        )
+        return StepResult(
+            reward=1.0 if correct else 0.0,
+            done=correct,
+            feedback=None if correct else self.feedback,
+            answer=normalize_math_answer(parsed),
+            correct=correct,
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "prompt_template": self.prompt_template,
+            "system_prompt": self.system_prompt,
+            "feedback": self.feedback,
+            "use_math_verify": self.use_math_verify,
+        }

@@ -1,0 +1,90 @@
+"""The generation-engine interface: token ids in, token ids (and log-probs) out.
+
+Engines never see text. The multi-turn loop owns the chat template and hands an engine
+batches of prompt token ids; the engine returns exactly the ids it sampled, cut after the
+first stop token (which is kept), plus the log-prob of each sampled token under the model's
+own distribution (temperature 1, no top-p) when asked.
+
+Sampling is reproducible per request: each prompt carries its own seed, so a request
+samples the same tokens whatever else is in its batch (up to floating-point differences
+between batch shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from drift_engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` is greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False  # return the sampled tokens' log-probs under the model
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """One completion: the sampled ids, ending with the stop token when one was sampled."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # one per token id, when requested
+    finish_reason: Literal["stop", "length"] = "length"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """Generates completions for batches of tokenised prompts."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+    ) -> list[Generation]:
+        """One completion per prompt; ``seeds[i]`` fixes the randomness of prompt i."""
+
+    def describe(self) -> dict[str, str]:
+        """What produced the samples, for the rollout file's metadata."""
+        return {"engine": self.name}
+
+
+def request_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run seed and a request's coordinates (e.g. prompt
+    index, sample index, turn): independent of batching, sharding and ordering."""
+    key = ":".join(str(int(p)) for p in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def trim_at_stop(token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """Cut ``token_ids`` after the first stop token (kept). Returns (ids, stopped)."""
+    stops = set(stop_token_ids)
+    for i, token in enumerate(token_ids):
+        if token in stops:
+            return list(token_ids[: i + 1]), True
+    return list(token_ids), False

@@ -1,0 +1,381 @@
+"""The multi-turn rollout loop: n trajectories per prompt, up to K turns, against an environment.
+
+Every turn, all unfinished trajectories go to the engine as one batch of token ids; each
+answer is checked by the environment; a trajectory leaves the batch at its first correct
+answer (or when the environment ends it) or after ``max_turns``. Tokens are never
+re-tokenised from text (see ``drift_engine.rollout.chat``).
+
+Randomness is per request: the seed of prompt i, sample j, turn t is derived from
+(seed, i, j, t), with i the prompt's index in the whole problem list. So a run sharded over
+prompts (``shard_rank``/``shard_world``) produces exactly the trajectories of the
+single-process run, with the same global group ids, and its shards concatenate into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from drift_engine.data.rollouts import (
+    META_ENV,
+    META_ENV_CONFIG,
+    META_SAMPLING,
+    RolloutSet,
+    tokenizer_fingerprint,
+)
+from drift_engine.envs import Environment, environment_spec
+from drift_engine.envs.base import DEFAULT_FEEDBACK, Message, Problem
+from drift_engine.errors import ConfigError, EnvironmentSpecError
+from drift_engine.rollout.chat import ChatFormatter, first_mismatch
+from drift_engine.rollout.engine import Engine, SamplingParams, request_seed
+from drift_engine.weighting import format_penalty_term, repeat_penalty_term
+
+META_TEMPLATE_MISMATCHES = "template_mismatches"  # JSON: {"trajectories": int, "first": ...}
+META_SHARD = "shard"  # "rank/world"
+
+
+@dataclass
+class Trajectory:
+    """One episode: the conversation, its tokens exactly as stored, and its outcome."""
+
+    prompt_index: int  # index in the full problem list; the trajectory's group id
+    sample_index: int
+    messages: list[Message]
+    token_ids: list[int]
+    turn_ids: list[int]  # 0 = context, k = k-th assistant message
+    logprobs: list[float] | None  # per token; 0.0 on context tokens
+    rewards: list[float] = field(default_factory=list)  # one per assistant turn
+    correct: list[bool] = field(default_factory=list)  # one per assistant turn
+    answers: list[str | None] = field(default_factory=list)  # normalised; None = unparseable
+    finish_reasons: list[str] = field(default_factory=list)  # engine's, per turn
+    template_mismatch: int | None = None  # first position differing from the template's ids
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def first_correct_turn(self) -> int | None:
+        return next((k + 1 for k, c in enumerate(self.correct) if c), None)
+
+
+@dataclass
+class TemplateReport:
+    """Trajectories whose stored ids differ from the template applied to their conversation."""
+
+    checked: int = 0
+    mismatched: int = 0
+    first_trajectory: tuple[int, int] | None = None  # (prompt_index, sample_index)
+    first_position: int | None = None
+
+    def summary(self) -> str:
+        if not self.mismatched:
+            return f"token bookkeeping: all {self.checked} trajectories equal the chat template"
+        return (
+            f"token bookkeeping: {self.mismatched} of {self.checked} trajectories differ from "
+            "apply_chat_template of their final conversation (first: prompt "
+            f"{self.first_trajectory[0]}, sample {self.first_trajectory[1]}, at token "
+            f"{self.first_position}); the sampled ids are stored as generated. Causes: a "
+            "sampled tokenisation that is not the canonical one, or a chat template that "
+            "rewrites earlier messages."
+        )
+
+
+@dataclass
+class RolloutRun:
+    """What ``collect_trajectories`` returns: trajectories in (prompt, sample) order."""
+
+    trajectories: list[Trajectory]
+    max_turns: int
+    report: TemplateReport
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    turn: int
+    answered: int  # trajectories that gave a k-th answer
+    correct: int  # of those, correct
+    solved: int  # trajectories whose first correct answer came at turn <= k
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.answered if self.answered else 0.0
+
+    @property
+    def solved_fraction(self) -> float:
+        return self.solved / self.total if self.total else 0.0
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(rank, world) from torchrun's RANK/WORLD_SIZE, (0, 1) outside torchrun."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(
+            "RANK and WORLD_SIZE must be integers (as torchrun sets them), got "
+            f"RANK={os.environ.get('RANK')!r} WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}."
+        ) from None
+
+
+def shard_range(num_prompts: int, rank: int, world: int) -> range:
+    """The contiguous block of prompt indices of shard ``rank`` of ``world`` (sizes differ
+    by at most one), so shards concatenated in rank order give the prompts in order."""
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"shard rank must lie in [0, {world}) with world >= 1, got rank {rank}.")
+    base, extra = divmod(num_prompts, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def collect_trajectories(
+    engine: Engine,
+    tokenizer: Any,
+    env: Environment,
+    problems: Sequence[Problem],
+    *,
+    n: int,
+    max_turns: int,
+    sampling: SamplingParams,
+    seed: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    progress: bool = True,
+    chat_template: str | None = None,
+) -> RolloutRun:
+    """Run the multi-turn episodes of this shard's prompts; see the module docstring."""
+    if n < 1:
+        raise ConfigError(f"n (trajectories per prompt) must be at least 1, got {n}.")
+    if max_turns < 1:
+        raise ConfigError(f"max_turns must be at least 1, got {max_turns}.")
+    if not problems:
+        raise EnvironmentSpecError("no problems to roll out: the problem list is empty.")
+    formatter = ChatFormatter(tokenizer, chat_template)
+    for index, problem in enumerate(problems):
+        try:
+            env.validate_problem(problem)
+        except EnvironmentSpecError as err:
+            raise EnvironmentSpecError(f"problem {index}: {err}") from None
+    stops = tuple(dict.fromkeys([*sampling.stop_token_ids, *formatter.stop_token_ids()]))
+    if not stops:
+        raise ConfigError(
+            "no stop token: the tokenizer has no EOS token and its chat template no "
+            "end-of-turn token; pass stop_token_ids in the sampling parameters."
+        )
+    params = replace(sampling, stop_token_ids=stops)
+    stop_set = set(stops)
+
+    trajectories: list[Trajectory] = []
+    for prompt_index in shard_range(len(problems), shard_rank, shard_world):
+        messages = env.initial_messages(problems[prompt_index])
+        ids = formatter.prompt_ids(messages)
+        for sample_index in range(n):
+            trajectories.append(
+                Trajectory(
+                    prompt_index=prompt_index,
+                    sample_index=sample_index,
+                    messages=[dict(m) for m in messages],
+                    token_ids=list(ids),
+                    turn_ids=[0] * len(ids),
+                    logprobs=[0.0] * len(ids) if params.logprobs else None,
+                )
+            )
+
+    report = TemplateReport()
+    bar = _progress_bar(len(trajectories), progress)
+    active = list(trajectories)
+    for turn in range(1, max_turns + 1):
+        if not active:
+            break
+        seeds = [request_seed(seed, t.prompt_index, t.sample_index, turn) for t in active]
+        generations = engine.generate([t.token_ids for t in active], params, seeds)
+        still_active = []
+        for traj, generation in zip(active, generations):
+            ids = list(generation.token_ids)
+            stopped = bool(ids) and ids[-1] in stop_set
+            content = formatter.decode(ids[:-1] if stopped else ids)
+            result = env.step(problems[traj.prompt_index], content, turn)
+
+            traj.token_ids += ids
+            traj.turn_ids += [turn] * len(ids)
+            if traj.logprobs is not None:
+                if generation.logprobs is None or len(generation.logprobs) != len(ids):
+                    raise RuntimeError(f"engine {engine.name!r} returned no log-probs per token")
+                traj.logprobs += [float(x) for x in generation.logprobs]
+            traj.rewards.append(float(result.reward))
+            traj.correct.append(bool(result.correct))
+            traj.answers.append(result.answer)
+            traj.finish_reasons.append(generation.finish_reason)
+
+            stop_text = formatter.decode(ids[-1:]) if stopped else None
+            delta, _ = formatter.assistant_closing(traj.messages, content, stop_text)
+            traj.messages.append({"role": "assistant", "content": content})
+            finished = result.done or turn == max_turns
+            if not finished:
+                feedback = {"role": "user", "content": result.feedback or DEFAULT_FEEDBACK}
+                feedback_text, _ = formatter.feedback_delta(traj.messages, feedback)
+                delta += feedback_text
+                traj.messages.append(feedback)
+            delta_ids = formatter.encode(delta) if delta else []
+            traj.token_ids += delta_ids
+            traj.turn_ids += [0] * len(delta_ids)
+            if traj.logprobs is not None:
+                traj.logprobs += [0.0] * len(delta_ids)
+
+            if finished:
+                _check_against_template(traj, formatter, report)
+                bar.update(1)
+            else:
+                still_active.append(traj)
+        active = still_active
+    bar.close()
+    if report.mismatched:
+        warnings.warn(report.summary(), stacklevel=2)
+
+    sampling_meta = {
+        **{k: v for k, v in asdict(params).items() if k != "stop_token_ids"},
+        "stop_token_ids": list(params.stop_token_ids),
+        "n": n,
+        "max_turns": max_turns,
+        "seed": seed,
+        **engine.describe(),
+    }
+    metadata = {
+        **tokenizer_fingerprint(tokenizer),
+        META_ENV: environment_spec(env),
+        META_ENV_CONFIG: json.dumps(env.config(), sort_keys=True),
+        META_SAMPLING: json.dumps(sampling_meta, sort_keys=True),
+        META_TEMPLATE_MISMATCHES: json.dumps(
+            {"trajectories": report.mismatched, "checked": report.checked}
+        ),
+        META_SHARD: f"{shard_rank}/{shard_world}",
+    }
+    return RolloutRun(trajectories, max_turns, report, metadata)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="traj", desc="rollout", disable=not enabled, smoothing=0.1)
+
+
+def _check_against_template(traj: Trajectory, formatter: ChatFormatter, report: TemplateReport) -> None:
+    expected = formatter.conversation_ids(traj.messages)
+    position = first_mismatch(traj.token_ids, expected)
+    report.checked += 1
+    traj.template_mismatch = position
+    if position is not None:
+        report.mismatched += 1
+        if report.first_trajectory is None:
+            report.first_trajectory = (traj.prompt_index, traj.sample_index)
+            report.first_position = position
+
+
+def to_rollout_set(run: RolloutRun, metadata: dict[str, str] | None = None) -> RolloutSet:
+    """Pack trajectories into a ``RolloutSet`` with format and repeat penalties."""
+    trajectories = run.trajectories
+    logprobs = [t.logprobs for t in trajectories]
+    return RolloutSet.from_trajectories(
+        token_ids=[t.token_ids for t in trajectories],
+        turn_ids=[t.turn_ids for t in trajectories],
+        group_ids=[t.prompt_index for t in trajectories],
+        turn_rewards=[t.rewards for t in trajectories],
+        format_penalty=[
+            format_penalty_term(sum(a is None for a in t.answers)) for t in trajectories
+        ],
+        repeat_penalty=[repeat_penalty_term(t.answers) for t in trajectories],
+        behavior_logprobs=None if any(lp is None for lp in logprobs) else logprobs,
+        metadata={**run.metadata, **(metadata or {})},
+    )
+
+
+def run_rollouts(
+    engine: Engine,
+    tokenizer: Any,
+    env: Environment,
+    problems: Sequence[Problem],
+    *,
+    n: int,
+    max_turns: int,
+    sampling: SamplingParams,
+    seed: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    progress: bool = True,
+    chat_template: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> RolloutSet:
+    """Roll out ``n`` trajectories per problem of this shard and pack them into a RolloutSet
+    (group id = the problem's index in ``problems``)."""
+    run = collect_trajectories(
+        engine,
+        tokenizer,
+        env,
+        problems,
+        n=n,
+        max_turns=max_turns,
+        sampling=sampling,
+        seed=seed,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+        progress=progress,
+        chat_template=chat_template,
+    )
+    return to_rollout_set(run, metadata)
+
+
+def turn_stats(trajectories: Sequence[Trajectory], max_turns: int) -> list[TurnStats]:
+    """Per-turn answers, accuracy and cumulative solved count, k = 1..max_turns."""
+    stats = []
+    for k in range(1, max_turns + 1):
+        answered = [t for t in trajectories if t.num_turns >= k]
+        stats.append(
+            TurnStats(
+                turn=k,
+                answered=len(answered),
+                correct=sum(t.correct[k - 1] for t in answered),
+                solved=sum(
+                    t.first_correct_turn is not None and t.first_correct_turn <= k
+                    for t in trajectories
+                ),
+                total=len(trajectories),
+            )
+        )
+    return stats
+
+
+def format_turn_stats(stats: Sequence[TurnStats]) -> str:
+    lines = ["turn  answered  correct  accuracy  solved<=turn"]
+    for s in stats:
+        lines.append(
+            f"{s.turn:>4}  {s.answered:>8}  {s.correct:>7}  {s.accuracy:>8.3f}  "
+            f"{s.solved_fraction:>12.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_preview(run: RolloutRun, path: str | os.PathLike) -> Path:
+    """A human-readable JSONL: one line per trajectory with its conversation and outcome."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for t in run.trajectories:
+            record = {
+                "prompt_index": t.prompt_index,
+                "sample_index": t.sample_index,
+                "messages": t.messages,
+                "rewards": t.rewards,
+                "answers": t.answers,
+                "first_correct_turn": t.first_correct_turn,
+                "finish_reasons": t.finish_reasons,
+                "num_tokens": len(t.token_ids),
+                "template_mismatch_at": t.template_mismatch,
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,352 @@
+"""Rollout engines and the multi-turn loop on a tiny random model and a word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from drift_engine.data.rollouts import RolloutSet, load_rollouts, save_rollouts
+from drift_engine.envs import load_environment
+from drift_engine.errors import ConfigError
+from drift_engine.rollout import (
+    ChatFormatter,
+    Engine,
+    Generation,
+    SamplingParams,
+    collect_trajectories,
+    run_rollouts,
+    shard_range,
+    to_rollout_set,
+)
+from drift_engine.rollout.hf import HFEngine
+
+CHATML = (
+    "{%- for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = (
+    "system user assistant Incorrect Please think again reason step by and put your final "
+    "answer within What is plus boxed the"
+).split()
+PUNCT = [".", ",", "?", "{", "}", "\\", "{}."]
+
+
+def build_tokenizer(chat_template: str | None = CHATML):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab: dict[str, int] = {}
+    for word in specials + ["<answer>", "</answer>"] + WORDS + PUNCT + [str(i) for i in range(21)]:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    core.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>"]])
+    kwargs = {"chat_template": chat_template} if chat_template else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", **kwargs
+    )
+
+
+def build_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(path, chat_template: str | None = CHATML):
+    tokenizer = build_tokenizer(chat_template)
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+PROBLEMS = [
+    {"question": "What is 1 plus 2 ?", "answer": "3"},
+    {"question": "What is 2 plus 2 ?", "answer": "4"},
+    {"question": "What is 3 plus 4 ?", "answer": "7"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(tokenizer)
+
+
+class ScriptedEngine(Engine):
+    """Answers from a table: (question's first number, turn) -> answer text."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer, answers: dict[tuple[str, int], str]):
+        self.tokenizer = tokenizer
+        self.answers = answers
+        self.calls: list[int] = []  # batch sizes
+
+    def generate(self, prompts, params, seeds):
+        self.calls.append(len(prompts))
+        out = []
+        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        for prompt in prompts:
+            text = self.tokenizer.decode(prompt)
+            key = text.split("What is ")[1].split()[0]
+            turn = sum(1 for t in prompt if t == im_start) // 2  # user+assistant per turn
+            ids = self.tokenizer.encode(self.answers.get((key, turn), "no idea"), add_special_tokens=False)
+            ids.append(self.tokenizer.eos_token_id)
+            out.append(Generation(token_ids=ids, finish_reason="stop"))
+        return out
+
+
+# ---- engine ---------------------------------------------------------------------------------
+
+
+def test_hf_engine_logprobs_match_teacher_forcing_and_stop_trimming(tokenizer, model):
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, max_batch_size=8)
+    formatter = ChatFormatter(tokenizer)
+    prompts = [formatter.prompt_ids([{"role": "user", "content": q["question"]}]) for q in PROBLEMS]
+    prompts[1] = prompts[1][:5]  # different lengths: left padding is exercised
+    stop = tokenizer.convert_tokens_to_ids("7")  # a frequent-enough token to stop on
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=(stop,), logprobs=True)
+    generations = engine.generate(prompts, params, seeds=[1, 2, 3])
+    for prompt, gen in zip(prompts, generations):
+        assert 1 <= len(gen.token_ids) <= 12
+        assert stop not in gen.token_ids[:-1]  # trimmed right after the first stop token
+        assert (gen.finish_reason == "stop") == (gen.token_ids[-1] == stop)
+        ids = torch.tensor([prompt + gen.token_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0].float()  # (L, V)
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # (G, V)
+        expected = logp.gather(1, torch.tensor(gen.token_ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(gen.logprobs), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_hf_engine_per_request_seeds_ignore_batch_composition(tokenizer, model):
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+    formatter = ChatFormatter(tokenizer)
+    prompts = [formatter.prompt_ids([{"role": "user", "content": q["question"]}]) for q in PROBLEMS]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    together = engine.generate(prompts, params, seeds=[11, 12, 13])
+    alone = engine.generate(prompts[2:], params, seeds=[13])
+    assert together[2].token_ids == alone[0].token_ids
+    other_seed = engine.generate(prompts[2:], params, seeds=[14])
+    again = engine.generate(prompts[2:], params, seeds=[13])
+    assert again[0].token_ids == alone[0].token_ids
+    assert other_seed[0].token_ids != alone[0].token_ids or len(alone[0].token_ids) < 3
+
+
+def test_hf_engine_greedy_is_argmax(tokenizer, model):
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+    prompt = ChatFormatter(tokenizer).prompt_ids([{"role": "user", "content": "What is 1 ?"}])
+    (gen,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=6), [0])
+    ids = list(prompt)
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert gen.token_ids == ids[len(prompt) :]
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def test_rollout_tokens_equal_chat_template_of_final_conversation(tokenizer, model, tmp_path):
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+    env = load_environment("math")
+    run = collect_trajectories(
+        engine, tokenizer, env, PROBLEMS[:2], n=2, max_turns=3,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=8, logprobs=True),
+        seed=0, progress=False,
+    )
+    formatter = ChatFormatter(tokenizer)
+    assert run.report.checked == 4 and run.report.mismatched == 0
+    for traj in run.trajectories:
+        assert traj.token_ids == formatter.conversation_ids(traj.messages)
+        assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+        assert len(assistant) == traj.num_turns == len(traj.rewards)
+        for k, content in enumerate(assistant, start=1):
+            turn_tokens = [t for t, turn in zip(traj.token_ids, traj.turn_ids) if turn == k]
+            # the k-th assistant turn holds exactly the generated ids (content, maybe a stop)
+            assert formatter.decode(turn_tokens).startswith(content)
+        feedback = [m["content"] for m in traj.messages if m["role"] == "user"][1:]
+        assert feedback == ["Incorrect. Please think again."] * (traj.num_turns - 1)
+    rollouts = to_rollout_set(run)
+    assert rollouts.behavior_logprobs is not None
+    assert torch.all(rollouts.behavior_logprobs[rollouts.turn_ids == 0] == 0)
+    assert torch.all(rollouts.behavior_logprobs[rollouts.turn_ids > 0] < 0)
+    path = tmp_path / "r.safetensors"
+    save_rollouts(path, rollouts)
+    loaded = load_rollouts(path)
+    assert torch.equal(loaded.input_ids, rollouts.input_ids)
+    assert json.loads(loaded.metadata["sampling"])["n"] == 2
+    assert loaded.metadata["env"] == "math"
+
+
+def test_trajectories_stop_at_first_correct_turn_with_penalties(tokenizer):
+    answers = {
+        ("1", 1): "<answer> 3 </answer>",  # right at once
+        ("2", 1): "<answer> 5 </answer>",
+        ("2", 2): "no answer here",  # unparseable
+        ("2", 3): "<answer> 4 </answer>",  # right at turn 3
+        ("3", 1): "<answer> 6 </answer>",  # the same wrong answer every turn
+        ("3", 2): "<answer> 6 </answer>",
+        ("3", 3): "<answer> 6 </answer>",
+    }
+    engine = ScriptedEngine(tokenizer, answers)
+    rollouts = run_rollouts(
+        engine, tokenizer, load_environment("math"), PROBLEMS, n=2, max_turns=3,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=16), seed=0, progress=False,
+    )
+    assert engine.calls == [6, 4, 4]  # solved trajectories leave the batch
+    assert rollouts.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    assert rollouts.num_turns().tolist() == [1, 1, 3, 3, 3, 3]
+    rewards = rollouts.turn_rewards
+    assert rewards[0, 0] == 1 and rewards.shape == (6, 3) and math.isnan(rewards[0, 1])
+    assert rewards[2].tolist() == [0.0, 0.0, 1.0]
+    assert rewards[4].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(rollouts.format_penalty, torch.tensor([0, 0, -0.1, -0.1, 0, 0]))
+    # 3 identical answers: -0.5 * (1 - 1/3)
+    torch.testing.assert_close(
+        rollouts.repeat_penalty, torch.tensor([0, 0, 0, 0, -1 / 3, -1 / 3]), atol=1e-6, rtol=0
+    )
+    assert rollouts.behavior_logprobs is None
+
+
+def test_sharded_rollout_equals_single_process(tokenizer, model):
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+    env = load_environment("math")
+    kwargs = dict(
+        n=2, max_turns=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=6, logprobs=True),
+        seed=3, progress=False,
+    )
+    single = run_rollouts(engine, tokenizer, env, PROBLEMS, **kwargs)
+    shards = [
+        run_rollouts(engine, tokenizer, env, PROBLEMS, shard_rank=r, shard_world=2, **kwargs)
+        for r in range(2)
+    ]
+    assert [s.group_ids.tolist() for s in shards] == [[0, 0, 1, 1], [2, 2]]
+    merged = RolloutSet.concat(shards, group_ids="keep")
+    for name, tensor in single.tensors().items():
+        torch.testing.assert_close(getattr(merged, name), tensor, equal_nan=True, atol=1e-5, rtol=0)
+    assert list(shard_range(10, 2, 3)) == [7, 8, 9] and list(shard_range(10, 0, 3)) == [0, 1, 2, 3]
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error():
+    tokenizer = build_tokenizer(chat_template=None)
+    engine = ScriptedEngine(tokenizer, {})
+    with pytest.raises(ConfigError, match="no chat template"):
+        run_rollouts(
+            engine, tokenizer, load_environment("math"), PROBLEMS, n=1, max_turns=1,
+            sampling=SamplingParams(), seed=0, progress=False,
+        )
+
+
+def test_template_that_rewrites_history_is_reported(tokenizer):
+    # Drops earlier assistant messages: the running ids cannot match the final template.
+    template = (
+        "{%- for message in messages %}{% if message['role'] != 'assistant' or loop.last %}"
+        "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endif %}{% endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    engine = ScriptedEngine(tokenizer, {("1", 1): "<answer> 2 </answer>"})
+    with pytest.warns(UserWarning, match="differ from apply_chat_template"):
+        run = collect_trajectories(
+            engine, tokenizer, load_environment("math"), PROBLEMS[:1], n=1, max_turns=2,
+            sampling=SamplingParams(), seed=0, progress=False, chat_template=template,
+        )
+    assert run.report.mismatched == 1 and run.report.first_position is not None
+
+
+# ---- CLI --------------------------------------------------------------------------------
+
+
+def _write_problems(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_rollout_writes_file_preview_and_summary(tmp_path):
+    from click.testing import CliRunner
+
+    from drift_engine.cli import cli
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    problems = _write_problems(tmp_path / "p.jsonl", [{"q": r["question"], "a": r["answer"]} for r in PROBLEMS[:2]])
+    out = tmp_path / "out" / "roll.safetensors"
+    args = [
+        "rollout", "--model", str(model_dir), "--env", "math", "--problems", str(problems),
+        "--field", "question=q", "--field", "answer=a", "--out", str(out), "--n", "2",
+        "--max-turns", "2", "--max-new-tokens", "5", "--engine", "hf", "--quiet",
+        "--preview", str(tmp_path / "preview.jsonl"), "--gamma", "0.9", "--beta", "0.1",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "token bookkeeping" in result.output
+    rollouts = load_rollouts(out)
+    assert rollouts.num_trajectories == 4 and rollouts.weights is not None
+    assert rollouts.metadata["reference_model"] == str(model_dir)
+    lines = (tmp_path / "preview.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["messages"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--env": "nope"}, "unknown environment"),
+        ({"--env": "no_such_module:Env"}, "cannot import"),
+        ({"--problems": "EMPTY"}, "empty"),
+        ({"--problems": "MISSING_FIELD"}, "answer"),
+        ({"--model": "NO_TEMPLATE"}, "no chat template"),
+    ],
+)
+def test_cli_rollout_bad_input_exits_2(tmp_path, change, message):
+    from click.testing import CliRunner
+
+    from drift_engine.cli import cli
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    _write_problems(tmp_path / "missing.jsonl", [{"question": "What is 1 ?"}])
+    good = _write_problems(tmp_path / "p.jsonl", PROBLEMS[:1])
+    options = {"--env": "math", "--problems": str(good), "--model": str(tmp_path / "m")}
+    options.update(change)
+    if options["--model"] == "NO_TEMPLATE":
+        options["--model"] = str(save_tiny_model(tmp_path / "plain", chat_template=None))
+    replacements = {"EMPTY": "empty.jsonl", "MISSING_FIELD": "missing.jsonl"}
+    if options["--problems"] in replacements:
+        options["--problems"] = str(tmp_path / replacements[options["--problems"]])
+    args = ["rollout", "--out", str(tmp_path / "r.safetensors"), "--engine", "hf", "--quiet"]
+    for key, value in options.items():
+        args += [key, value]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output
