@@ -1,0 +1,71 @@
+"""``drift-engine convert``: the DRIFT reference's rollout JSONL to rollouts.safetensors."""
+
+from __future__ import annotations
+
+import click
+
+from drift_engine.errors import ConfigError
+
+
+@click.command("convert")
+@click.argument("input_path", metavar="IN.jsonl", type=click.Path(dir_okay=False))
+@click.option(
+    "--tokenizer",
+    "tokenizer_name",
+    required=True,
+    help="Tokenizer (local path or Hugging Face id) of the model that sampled the rollouts.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output rollouts file (*.safetensors).",
+)
+@click.option("--gamma", type=float, default=None, help="Also store returns and weights: discount.")
+@click.option("--beta", type=float, default=None, help="Also store weights: temperature.")
+@click.option("--reference-model", default=None, help="Recorded in the file's metadata.")
+@click.option(
+    "--max-shard-mb",
+    type=float,
+    default=None,
+    help="Split the output into shards of at most this many MB.",
+)
+def convert(
+    input_path: str,
+    tokenizer_name: str,
+    out_path: str,
+    gamma: float | None,
+    beta: float | None,
+    reference_model: str | None,
+    max_shard_mb: float | None,
+) -> None:
+    """Import the DRIFT reference's rollout JSONL (IN.jsonl) into a rollouts file.
+
+    Conversations are tokenised with the tokenizer's chat template, assistant turns are
+    marked, rewards and penalties are kept. With --gamma and/or --beta (the other taking
+    its default, 0.7 / 0.2) the returns and importance weights are stored as well.
+    """
+    from drift_engine.data.convert import convert_reference_jsonl, load_tokenizer
+    from drift_engine.data.rollouts import save_rollouts
+    from drift_engine.weighting import WeightingConfig
+
+    if max_shard_mb is not None and max_shard_mb <= 0:
+        raise ConfigError(f"--max-shard-mb must be positive, got {max_shard_mb}")
+    weighting = None
+    if gamma is not None or beta is not None:
+        defaults = WeightingConfig()
+        weighting = WeightingConfig(
+            gamma=defaults.gamma if gamma is None else gamma,
+            beta=defaults.beta if beta is None else beta,
+        )
+    tokenizer = load_tokenizer(tokenizer_name)
+    rollouts, report = convert_reference_jsonl(
+        input_path, tokenizer, weighting=weighting, reference_model=reference_model
+    )
+    max_bytes = None if max_shard_mb is None else int(max_shard_mb * 1024 * 1024)
+    written = save_rollouts(out_path, rollouts, max_shard_bytes=max_bytes)
+    click.echo(report.summary())
+    if weighting is not None:
+        click.echo(f"weights stored (gamma={weighting.gamma}, beta={weighting.beta})")
+    click.echo("wrote " + ", ".join(str(p) for p in written))
