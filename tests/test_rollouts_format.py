@@ -351,6 +351,3 @@ def test_vocab_size_and_tokenizer_identity():
     other = _FakeTokenizer({**vocab, "t5": 100, "t100": 5}, "org/other")
     with pytest.raises(RolloutFormatError, match="tokenizer mismatch.*org/tok.*org/other"):
         validate_rollouts(stamped, tokenizer=other)
-    small = _FakeTokenizer({f"t{i}": i for i in range(50)}, "org/small")
-    with pytest.raises(RolloutFormatError, match="tokenizer's vocabulary size 50"):
-        validate_rollouts(rs, tokenizer=small)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from drift_engine.errors import RolloutFormatError
+from drift_engine.errors import ConfigError, RolloutFormatError
 
 FORMAT_NAME = "drift-rollouts"
 FORMAT_VERSION = 1
@@ -158,7 +158,7 @@ class RolloutSet:
                 self.token_trajectory()
             ]  # (T,) last turn of the token's trajectory
             return (turns == last) & (turns > 0)
-        raise RolloutFormatError(f"train_turns must be 'last' or 'all', got {train_turns!r}")
+        raise ConfigError(f"train_turns must be 'last' or 'all', got {train_turns!r}")
 
     # ---- construction ------------------------------------------------------------------
 
@@ -375,8 +375,9 @@ def validate_rollouts(
     """Raise ``RolloutFormatError`` describing the first problem found, else return None.
 
     Checks dtypes and shapes, boundaries, turn ids against rewards, finite values, token ids
-    against ``vocab_size`` (the model's) and ``tokenizer`` (the file's tokenizer identity
-    must match), and that every trajectory has a trained token under ``train_turns``.
+    against ``vocab_size`` (the model's embedding rows), the file's tokenizer identity
+    against ``tokenizer`` (when the file records one), and that every trajectory has a
+    trained token under ``train_turns``.
     """
     rs = rollouts
     _check_types_and_shapes(rs)
@@ -401,17 +402,12 @@ def validate_rollouts(
         lo, hi = int(rs.input_ids.min()), int(rs.input_ids.max())
         if lo < 0:
             raise RolloutFormatError(f"input_ids contains a negative token id ({lo})")
-        limits = []
-        if vocab_size is not None:
-            limits.append((int(vocab_size), "the model's vocabulary size"))
-        if tokenizer is not None:
-            limits.append((len(tokenizer), "the tokenizer's vocabulary size"))
-        for limit, what in limits:
-            if hi >= limit:
-                raise RolloutFormatError(
-                    f"input_ids contains token id {hi} >= {what} {limit}; the file was "
-                    "tokenised with a different tokenizer or the model's embedding is too small"
-                )
+        if vocab_size is not None and hi >= vocab_size:
+            raise RolloutFormatError(
+                f"input_ids contains token id {hi} >= the model's vocabulary size {vocab_size}; "
+                "the rollouts were tokenised for another model, or the model's embedding is "
+                "too small"
+            )
     if tokenizer is not None:
         _check_tokenizer(rs, tokenizer)
 
