@@ -1,0 +1,394 @@
+"""Variable-length attention over packed sequences.
+
+All sequences of a micro-batch are concatenated along the token axis, without padding:
+``query (T, Hq, D)``, ``key``/``value`` ``(T, Hkv, D)``, and ``cu_seqlens (B+1,)`` int32
+holds the boundaries (sequence ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i+1]``). A token
+attends only to tokens of its own sequence.
+
+Backends, picked per call by :func:`select_backend` (or forced with ``backend=``):
+
+``"flash_attn"``
+    ``flash_attn.flash_attn_varlen_func`` when flash-attn is installed, on CUDA, fp16/bf16.
+    Supports GQA, sliding windows, softcap and dropout.
+``"torch"``
+    ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's own flash kernel), on CUDA, fp16/bf16.
+    Its keywords differ between releases and are feature-detected (``window_size`` or
+    ``is_causal``; ``scale``; ``enable_gqa``). No softcap, no dropout.
+``"sdpa"``
+    The exact fallback on any device and dtype: one ``scaled_dot_product_attention`` call with
+    a block-diagonal mask for short packs, one call per sequence for long ones. Softcap is
+    computed explicitly (same arithmetic as the models' eager attention).
+
+Sliding windows follow transformers' convention: with window ``W`` a query at position ``i``
+sees keys ``j`` with ``i - W < j <= i`` (``W`` keys including itself), i.e. flash-attn's
+``window_size=(W - 1, 0)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from drift_engine.errors import ConfigError
+
+BACKENDS = ("auto", "flash_attn", "torch", "sdpa")
+
+# Packs up to this many tokens use one SDPA call with a (T, T) block-diagonal mask (16 MiB
+# of bool at the limit); longer packs loop over sequences, which skips the masked-out work.
+_DENSE_MASK_MAX_TOKENS = 4096
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_varlen_func() -> Callable | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_supports_softcap() -> bool:
+    fn = _flash_attn_varlen_func()
+    return fn is not None and "softcap" in inspect.signature(fn).parameters
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_varlen_attn() -> tuple[Callable, frozenset[str]] | None:
+    """PyTorch's varlen attention and the names of its parameters, or None if absent."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this environment (``"sdpa"`` always; kernels need CUDA)."""
+    found = ["sdpa"]
+    if torch.cuda.is_available():
+        if _torch_varlen_attn() is not None:
+            found.insert(0, "torch")
+        if _flash_attn_varlen_func() is not None:
+            found.insert(0, "flash_attn")
+    return found
+
+
+def _kernel_eligible(query: torch.Tensor, key: torch.Tensor) -> bool:
+    head_dim = query.shape[-1]
+    return (
+        query.is_cuda
+        and query.dtype in _KERNEL_DTYPES
+        and key.shape[-1] == head_dim
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
+
+
+def select_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+) -> str:
+    """The fastest backend that computes this call exactly: flash_attn, then torch, then sdpa."""
+    if _kernel_eligible(query, key):
+        if _flash_attn_varlen_func() is not None and (softcap is None or _flash_attn_supports_softcap()):
+            return "flash_attn"
+        torch_varlen = _torch_varlen_attn()
+        if torch_varlen is not None and softcap is None and dropout == 0.0:
+            params = torch_varlen[1]
+            if sliding_window is None or "window_size" in params:
+                return "torch"
+    return "sdpa"
+
+
+def _window_size(causal: bool, sliding_window: int | None) -> tuple[int, int]:
+    """flash-attn's (left, right) window: -1 is unbounded."""
+    if sliding_window is None:
+        return (-1, 0) if causal else (-1, -1)
+    left = sliding_window - 1
+    return (left, 0) if causal else (left, left)
+
+
+def varlen_attention(
+    query: torch.Tensor,  # (T, Hq, D)
+    key: torch.Tensor,  # (T, Hkv, D)
+    value: torch.Tensor,  # (T, Hkv, D)
+    cu_seqlens: torch.Tensor,  # (B+1,) int32, cu_seqlens[-1] == T
+    max_seqlen: int,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:  # (T, Hq, D)
+    """Attention of packed sequences, each attending only to itself.
+
+    ``scale`` defaults to ``1/sqrt(D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA);
+    ``softcap`` applies ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
+    """
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    if num_heads % num_kv_heads != 0:
+        raise ConfigError(
+            f"query has {num_heads} heads and key/value {num_kv_heads}: the query heads must be a "
+            "multiple of the key/value heads (grouped-query attention)"
+        )
+    if sliding_window is not None and sliding_window < 1:
+        raise ConfigError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if backend == "auto":
+        backend = select_backend(
+            query, key, sliding_window=sliding_window, softcap=softcap, dropout=dropout
+        )
+    if backend == "flash_attn":
+        return _flash_attn(
+            query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap, dropout
+        )
+    if backend == "torch":
+        if softcap is not None or dropout != 0.0:
+            raise ConfigError(
+                "the 'torch' varlen backend supports neither softcap nor attention dropout; "
+                "use backend='auto' or 'sdpa'"
+            )
+        return _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window)
+    if backend == "sdpa":
+        return _sdpa_varlen(
+            query, key, value, cu_seqlens, scale, causal, sliding_window, softcap, dropout
+        )
+    raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _flash_attn(query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap, dropout):
+    fn = _flash_attn_varlen_func()
+    if fn is None:
+        raise ConfigError("backend 'flash_attn' needs the flash-attn package: pip install flash-attn")
+    cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    kwargs = {}
+    if softcap is not None:
+        if not _flash_attn_supports_softcap():
+            raise ConfigError("the installed flash-attn has no softcap; upgrade it to >= 2.6")
+        kwargs["softcap"] = float(softcap)
+    return fn(
+        query,
+        key,
+        value,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout_p=dropout,
+        softmax_scale=scale,
+        causal=causal,
+        window_size=_window_size(causal, sliding_window),
+        **kwargs,
+    )
+
+
+def _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window):
+    found = _torch_varlen_attn()
+    if found is None:
+        raise ConfigError(
+            "backend 'torch' needs torch.nn.attention.varlen (PyTorch >= 2.10); upgrade torch or "
+            "use backend='sdpa'"
+        )
+    varlen_attn, params = found
+    cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    kwargs = {}
+    if "window_size" in params:
+        # torch reads exactly (-1, 0) as "causal": pass a tuple, not a list.
+        kwargs["window_size"] = _window_size(causal, sliding_window)
+    else:
+        if sliding_window is not None:
+            raise ConfigError(
+                "this torch's varlen_attn has no sliding window; upgrade torch or use backend='sdpa'"
+            )
+        kwargs["is_causal"] = causal
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:
+        # The kernel scales by 1/sqrt(D); fold the difference into the query.
+        query = query * (scale * math.sqrt(query.shape[-1]))
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
+    return varlen_attn(
+        query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs
+    )
+
+
+def _repeat_kv(key: torch.Tensor, value: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, Hkv, D) -> (T, Hkv * groups, D), each key/value head shared by `groups` query heads."""
+    if groups == 1:
+        return key, value
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
+def _allowed_positions(
+    query_pos: torch.Tensor,  # (Lq,)
+    key_pos: torch.Tensor,  # (Lk,)
+    causal: bool,
+    sliding_window: int | None,
+) -> torch.Tensor | None:  # (Lq, Lk) bool, True = attend; None = everything allowed
+    distance = query_pos[:, None] - key_pos[None, :]  # (Lq, Lk)
+    allowed = None
+    if causal:
+        allowed = distance >= 0
+    if sliding_window is not None:
+        in_window = distance < sliding_window if causal else distance.abs() < sliding_window
+        allowed = in_window if allowed is None else allowed & in_window
+    return allowed
+
+
+def _sdpa_varlen(query, key, value, cu_seqlens, scale, causal, sliding_window, softcap, dropout):
+    total = query.shape[0]
+    key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
+    cu_seqlens = cu_seqlens.to(query.device)
+    if total <= _DENSE_MASK_MAX_TOKENS:
+        positions = torch.arange(total, device=query.device, dtype=cu_seqlens.dtype)  # (T,)
+        sequence_of = torch.searchsorted(cu_seqlens[1:], positions, right=True)  # (T,)
+        allowed = _allowed_positions(positions, positions, causal, sliding_window)
+        same_sequence = sequence_of[:, None] == sequence_of[None, :]  # (T, T)
+        allowed = same_sequence if allowed is None else allowed & same_sequence
+        out = _masked_attention(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+            allowed, None, scale, softcap, dropout,
+        )  # (Hq, T, D)
+        return out.transpose(0, 1)
+
+    # Host copy of the boundaries: one sync, then one attention call per sequence.
+    bounds = cu_seqlens.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        length = end - start
+        q = query[start:end].transpose(0, 1)  # (Hq, L, D)
+        k = key[start:end].transpose(0, 1)
+        v = value[start:end].transpose(0, 1)
+        needs_mask = softcap is not None or (sliding_window is not None and sliding_window < length)
+        if needs_mask:
+            local = torch.arange(length, device=query.device)
+            out = _masked_attention(
+                q, k, v, _allowed_positions(local, local, causal, sliding_window), None,
+                scale, softcap, dropout,
+            )
+        else:
+            out = _masked_attention(q, k, v, None, causal, scale, None, dropout)
+        outputs.append(out.transpose(0, 1))  # (L, Hq, D)
+    if not outputs:
+        return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
+    return torch.cat(outputs, dim=0)
+
+
+def _masked_attention(
+    query: torch.Tensor,  # (..., Hq, Lq, D)
+    key: torch.Tensor,  # (..., Hq, Lk, D)
+    value: torch.Tensor,  # (..., Hq, Lk, D)
+    mask: torch.Tensor | None,  # broadcastable to (..., Hq, Lq, Lk): bool (True = attend) or additive
+    is_causal: bool | None,  # only when mask is None: causal aligned to the last key
+    scale: float,
+    softcap: float | None,
+    dropout: float,
+) -> torch.Tensor:  # (..., Hq, Lq, D)
+    """Dense attention: SDPA, or explicit math when the scores are soft-capped."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if mask is None and is_causal and q_len != k_len:
+        # SDPA's is_causal aligns to the first key; a decoding query is aligned to the last one.
+        mask = _allowed_positions(
+            torch.arange(k_len - q_len, k_len, device=query.device),
+            torch.arange(k_len, device=query.device),
+            True,
+            None,
+        )
+        is_causal = False
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout,
+            is_causal=bool(is_causal) and mask is None, scale=scale,
+        )
+    if mask is None and is_causal:
+        mask = _allowed_positions(
+            torch.arange(q_len, device=query.device), torch.arange(k_len, device=query.device), True, None
+        )
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (..., Hq, Lq, Lk)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    # Softmax in (at least) fp32, as the models' eager attention does.
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, value)
+
+
+def dense_attention(
+    query: torch.Tensor,  # (B, Hq, Lq, D)
+    key: torch.Tensor,  # (B, Hkv, Lk, D)
+    value: torch.Tensor,  # (B, Hkv, Lk, D)
+    mask: torch.Tensor | None,  # (B, 1, Lq, Lk) bool (True = attend) or additive float
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:  # (B, Hq, Lq, D)
+    """Padded attention with an explicit 4-D mask (decoding with a KV cache).
+
+    Without a mask, a causal query block is aligned to the end of the keys (the cached
+    prefix precedes it).
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return _masked_attention(
+        query, key, value, mask, causal if mask is None else None, scale, softcap, dropout
+    )
+
+
+def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) sequence lengths -> (B+1,) int32 cumulative boundaries starting at 0."""
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    return cu
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sequence boundaries of packed rows from their position ids.
+
+    ``position_ids (B, L)``: a sequence starts at each row start and wherever the position
+    does not continue the previous one (normally a restart at 0). Returns ``cu_seqlens``
+    ``(S+1,)`` int32 over the flattened ``B*L`` tokens and the longest length (a host sync).
+    """
+    rows, length = position_ids.shape
+    flat = position_ids.reshape(-1)  # (B*L,)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[::length] = True
+    start_index = starts.nonzero().squeeze(1)  # (S,)
+    cu = torch.empty(start_index.numel() + 1, dtype=torch.int32, device=flat.device)
+    cu[:-1] = start_index
+    cu[-1] = rows * length
+    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    return cu, max_seqlen
