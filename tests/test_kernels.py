@@ -128,7 +128,7 @@ def _run_ce_case(n, h, v, dtype, device, opts, *, bias=False, ignored_frac=0.2, 
     )
     same = _ce_dense(hidden, weight, b, labels, coef, opts, torch.float32)
     names = ["loss", "lse", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, t, s in zip(names, out, truth, same, strict=False):
+    for name, a, t, s in zip(names, out, truth, same, strict=True):
         if t is None:
             assert a is None, name
             continue
@@ -236,7 +236,7 @@ def test_ce_schedules_agree(device):
         dataclasses.replace(base, schedule="vocab_slabs", chunk_size=11),
         coef,
     )
-    for a, c in zip(fast, lean, strict=False):
+    for a, c in zip(fast, lean, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
@@ -304,7 +304,7 @@ def _run_logprobs_case(
     else:
         assert ent is None
     for name, a, t, s in zip(
-        ["grad_hidden", "grad_weight", "grad_bias"], grads, truth[3:], same[3:], strict=False
+        ["grad_hidden", "grad_weight", "grad_bias"], grads, truth[3:], same[3:], strict=True
     ):
         if t is None:
             assert a is None, name

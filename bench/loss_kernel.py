@@ -1,0 +1,438 @@
+"""Microbenchmark of the fused linear losses against PyTorch, Liger-Kernel, Cut Cross-Entropy
+and the GEMM floor.
+
+    python bench/loss_kernel.py --preset llama3-8b|qwen2.5-3b|cpu-small \
+        [--impl drift-triton,drift-torch,torch,liger,cce,cce-exact,floor] \
+        [--op ce|logprobs|all] [--json out.json]
+
+Workloads (one preset = N tokens, hidden size H, vocabulary V, dtype):
+  ce        importance-weighted scalar loss Σ w·ce / Σ w, random token weights w
+            (log-normal), ~10% ignored labels; backward from the scalar.
+  logprobs  per-token log π(label) with a random per-token upstream gradient (PPO-style);
+            backward recomputes the logits.
+
+Per implementation: median and 20/80 % quantiles of forward and forward+backward
+(triton.testing.do_bench on CUDA, a perf_counter loop on CPU), peak memory above the inputs
+(CUDA only; includes the gradient buffers), relative error of the loss / log-probs and of the
+gradients (max over hidden and weight of ‖g - g_ref‖_F / ‖g_ref‖_F) against an fp32 dense
+reference, and TFLOP/s counted as 2·N·H·V (forward) and 6·N·H·V (forward+backward; the
+logits recompute of log-probs backward is not counted as useful work).
+
+"floor" is cuBLAS alone: one GEMM (forward) and the three GEMMs logits, grad of hidden,
+grad of weight (forward+backward), in the input dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    num_tokens: int
+    hidden_size: int
+    vocab_size: int
+    dtype: torch.dtype
+
+
+PRESETS = {
+    "llama3-8b": Preset(8192, 4096, 128256, torch.bfloat16),
+    "qwen2.5-3b": Preset(16384, 2048, 151936, torch.bfloat16),
+    "cpu-small": Preset(48, 32, 257, torch.float32),
+}
+
+ALL_IMPLS = ["drift-triton", "drift-torch", "torch", "liger", "cce", "cce-exact", "floor"]
+# Implementations that have a log-probs workload (the others compute a loss only).
+LOGPROB_IMPLS = {"drift-triton", "drift-torch", "torch", "floor"}
+
+
+@dataclasses.dataclass
+class Inputs:
+    hidden: torch.Tensor  # (N, H) leaf, requires grad
+    weight: torch.Tensor  # (V, H) leaf, requires grad
+    labels: torch.Tensor  # (N,) int64, ~10% IGNORE_INDEX
+    token_weights: torch.Tensor  # (N,) fp32, 0 on ignored rows
+    upstream: torch.Tensor  # (N,) fp32 upstream gradient of per-token log-probs
+
+
+@dataclasses.dataclass
+class Case:
+    """One row of the table: how to run forward, and forward+backward."""
+
+    name: str
+    forward: Callable[[], object]
+    forward_backward: Callable[[], object]  # leaves gradients in .grad (or returns them)
+    output: Callable[[], tuple]  # (value, grad_hidden, grad_weight) for the error columns
+
+
+def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> Inputs:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n, h, v = preset.num_tokens, preset.hidden_size, preset.vocab_size
+    # Logits of standard deviation ~2: a realistic softmax spread.
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (2.0 / math.sqrt(h))
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < 0.1] = IGNORE_INDEX
+    token_weights = torch.exp(0.5 * torch.randn(n, generator=gen))
+    token_weights[labels == IGNORE_INDEX] = 0.0
+    upstream = torch.randn(n, generator=gen)
+    return Inputs(
+        hidden=hidden.to(device=device, dtype=preset.dtype).requires_grad_(),
+        weight=weight.to(device=device, dtype=preset.dtype).requires_grad_(),
+        labels=labels.to(device),
+        token_weights=token_weights.to(device),
+        upstream=upstream.to(device),
+    )
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference(inputs: Inputs, op: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 dense (value, grad_hidden, grad_weight) of the workload."""
+    hidden = inputs.hidden.detach().float().requires_grad_()
+    weight = inputs.weight.detach().float().requires_grad_()
+    value = _dense(hidden, weight, inputs, op, logits_dtype=torch.float32)
+    grad_h, grad_w = torch.autograd.grad(_scalar(value, inputs, op), (hidden, weight))
+    return value.detach(), grad_h, grad_w
+
+
+def _dense(hidden, weight, inputs: Inputs, op: str, logits_dtype) -> torch.Tensor:
+    logits = (hidden @ weight.T).to(logits_dtype)  # (N, V)
+    if op == "ce":
+        per_token = F.cross_entropy(
+            logits.float(), inputs.labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return (per_token * inputs.token_weights).sum() / inputs.token_weights.sum()
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, inputs.labels.clamp(min=0)[:, None])[:, 0]
+    return torch.where(inputs.labels != IGNORE_INDEX, picked, 0.0)  # (N,)
+
+
+def _scalar(value: torch.Tensor, inputs: Inputs, op: str) -> torch.Tensor:
+    """The scalar differentiated: the loss itself, or Σ upstream·logprobs."""
+    return value if op == "ce" else (value * inputs.upstream).sum()
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _autograd_case(name: str, inputs: Inputs, op: str, fn: Callable[[], torch.Tensor]) -> Case:
+    """A case whose value comes from ``fn()`` and whose gradients come from autograd."""
+
+    def forward():
+        with torch.no_grad():
+            return fn()
+
+    def forward_backward():
+        value = fn()
+        _scalar(value, inputs, op).backward()
+        return value
+
+    def output():
+        inputs.hidden.grad = inputs.weight.grad = None
+        value = forward_backward().detach()
+        return value, inputs.hidden.grad, inputs.weight.grad
+
+    return Case(name, forward, forward_backward, output)
+
+
+def _floor_case(inputs: Inputs) -> Case:
+    hidden, weight = inputs.hidden.detach(), inputs.weight.detach()
+
+    def forward():
+        return hidden @ weight.T
+
+    def forward_backward():
+        logits = hidden @ weight.T  # stands in for the grad-logits of the two other GEMMs
+        return logits @ weight, logits.T @ hidden
+
+    return Case("floor (GEMMs only)", forward, forward_backward, output=lambda: None)
+
+
+def build_cases(impl: str, inputs: Inputs, op: str) -> list[Case]:
+    """The table rows of one --impl entry (raises ImportError when its package is absent)."""
+    h, w, labels, tw = inputs.hidden, inputs.weight, inputs.labels, inputs.token_weights
+    if impl == "floor":
+        return [_floor_case(inputs)]
+    if impl in ("drift-triton", "drift-torch"):
+        from drift_engine.ops import fused_linear_cross_entropy, fused_linear_logprobs
+
+        backend = impl.removeprefix("drift-")
+        if op == "logprobs":
+            return [
+                _autograd_case(
+                    f"drift {backend}",
+                    inputs,
+                    op,
+                    lambda: (
+                        fused_linear_logprobs(
+                            h, w, labels, impl=backend, check_labels=False
+                        ).logprobs
+                    ),
+                )
+            ]
+        schedules = ["token_chunks", "vocab_slabs"] if backend == "triton" else ["auto"]
+        return [
+            _autograd_case(
+                f"drift {backend}" + (f" ({schedule})" if backend == "triton" else ""),
+                inputs,
+                op,
+                lambda schedule=schedule: fused_linear_cross_entropy(
+                    h,
+                    w,
+                    labels,
+                    token_weights=tw,
+                    impl=backend,
+                    schedule=schedule,
+                    check_labels=False,
+                ),
+            )
+            for schedule in schedules
+        ]
+    if impl == "torch":
+        # What a plain PyTorch trainer does: logits in the input dtype, fp32 softmax.
+        return [
+            _autograd_case(
+                "PyTorch dense (fp32 logits)",
+                inputs,
+                op,
+                lambda: _dense(h, w, inputs, op, logits_dtype=torch.float32),
+            )
+        ]
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
+        return [
+            _autograd_case(
+                "Liger FLCE (reduction none × weights)",
+                inputs,
+                op,
+                lambda: (loss_fn(w, h, labels) * tw).sum() / tw.sum(),
+            )
+        ]
+    if impl in ("cce", "cce-exact"):
+        from cut_cross_entropy import linear_cross_entropy
+
+        extra = {"filter_eps": None} if impl == "cce-exact" else {}
+        label = "Cut CE, filter_eps=None (exact)" if extra else "Cut CE default (grad filtering)"
+        return [
+            _autograd_case(
+                label,
+                inputs,
+                op,
+                lambda: (
+                    (
+                        linear_cross_entropy(h, w, labels, reduction="none", **extra).float() * tw
+                    ).sum()
+                    / tw.sum()
+                ),
+            )
+        ]
+    raise ValueError(f"unknown --impl {impl!r}; choose from {', '.join(ALL_IMPLS)}")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def time_ms(fn: Callable[[], object], inputs: Inputs, device: torch.device, reps: int):
+    """(median, p20, p80) milliseconds of ``fn``; gradients are cleared before each call."""
+    grads_of = [inputs.hidden, inputs.weight]
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(
+            fn, warmup=100, rep=400, grad_to_none=grads_of, quantiles=[0.5, 0.2, 0.8]
+        )
+        return median, p20, p80
+    samples = []
+    fn()  # warm-up (kernel compilation)
+    for _ in range(reps):
+        for t in grads_of:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    quantile = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]
+    return statistics.median(samples), quantile(0.2), quantile(0.8)
+
+
+def peak_memory_gb(fn: Callable[[], object], inputs: Inputs, device: torch.device):
+    """Peak bytes allocated above what was live before the call (GB), CUDA only."""
+    if device.type != "cuda":
+        return None
+    inputs.hidden.grad = inputs.weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    inputs.hidden.grad = inputs.weight.grad = None
+    return peak / 1e9
+
+
+def _rel_err(actual, truth) -> float:
+    return ((actual.float() - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+
+
+def measure(case: Case, inputs: Inputs, ref, device: torch.device, reps: int) -> dict:
+    row = {"impl": case.name}
+    row["fwd_ms"] = time_ms(case.forward, inputs, device, reps)
+    row["fwd_bwd_ms"] = time_ms(case.forward_backward, inputs, device, reps)
+    row["peak_gb"] = peak_memory_gb(case.forward_backward, inputs, device)
+    out = case.output()
+    if out is not None:
+        value, grad_h, grad_w = out
+        row["value_rel_err"] = _rel_err(value, ref[0])
+        row["grad_rel_err"] = max(_rel_err(grad_h, ref[1]), _rel_err(grad_w, ref[2]))
+    inputs.hidden.grad = inputs.weight.grad = None
+    return row
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def markdown(rows: list[dict], preset_name: str, preset: Preset, op: str) -> str:
+    n, h, v = preset.num_tokens, preset.hidden_size, preset.vocab_size
+    floor = next((r for r in rows if r["impl"].startswith("floor") and "error" not in r), None)
+    lines = [
+        f"### {op}: {preset_name} (N={n} H={h} V={v}, {str(preset.dtype).removeprefix('torch.')})",
+        "",
+        "| impl | fwd ms (p20–p80) | fwd+bwd ms (p20–p80) | × floor (fwd / fwd+bwd) "
+        "| TFLOP/s (fwd / fwd+bwd) | peak GB | value err | grad err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fmt_t = lambda t: f"{t[0]:.2f} ({t[1]:.2f}–{t[2]:.2f})"
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['error']} | | | | | | |")
+            continue
+        fwd, fb = r["fwd_ms"], r["fwd_bwd_ms"]
+        ratio = (
+            f"{fwd[0] / floor['fwd_ms'][0]:.2f} / {fb[0] / floor['fwd_bwd_ms'][0]:.2f}"
+            if floor
+            else "–"
+        )
+        tflops = f"{2 * n * h * v / fwd[0] / 1e9:.3g} / {6 * n * h * v / fb[0] / 1e9:.3g}"
+        peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") is not None else "–"
+        value_err = f"{r['value_rel_err']:.1e}" if "value_rel_err" in r else "–"
+        grad_err = f"{r['grad_rel_err']:.1e}" if "grad_rel_err" in r else "–"
+        lines.append(
+            f"| {r['impl']} | {fmt_t(fwd)} | {fmt_t(fb)} | {ratio} | {tflops} | {peak} "
+            f"| {value_err} | {grad_err} |"
+        )
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    for package in ("triton", "liger_kernel", "cut_cross_entropy"):
+        try:
+            module = __import__(package)
+            env[package] = getattr(module, "__version__", "installed")
+        except ImportError:
+            env[package] = None
+    return env
+
+
+def run(preset_name: str, impls: list[str], ops: list[str], reps: int) -> dict:
+    preset = PRESETS[preset_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = make_inputs(preset, device)
+    report = {"env": environment(device), "preset": preset_name, "ops": {}}
+    report["shape"] = {
+        "N": preset.num_tokens,
+        "H": preset.hidden_size,
+        "V": preset.vocab_size,
+        "dtype": str(preset.dtype).removeprefix("torch."),
+    }
+    for op in ops:
+        ref = reference(inputs, op)
+        rows = []
+        for impl in impls:
+            if op == "logprobs" and impl not in LOGPROB_IMPLS:
+                continue
+            try:
+                cases = build_cases(impl, inputs, op)
+            except ImportError as error:
+                rows.append({"impl": impl, "error": f"not importable ({error.name or error})"})
+                continue
+            for case in cases:
+                try:
+                    rows.append(measure(case, inputs, ref, device, reps))
+                except Exception as error:  # an OOM or a failing baseline keeps the others
+                    message = str(error).splitlines()[0][:120] if str(error) else ""
+                    rows.append({"impl": case.name, "error": f"{type(error).__name__}: {message}"})
+                finally:
+                    inputs.hidden.grad = inputs.weight.grad = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        del ref
+        report["ops"][op] = rows
+        print(markdown(rows, preset_name, preset, op), "\n", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument(
+        "--impl",
+        default=",".join(ALL_IMPLS),
+        help=f"comma-separated subset of {','.join(ALL_IMPLS)}",
+    )
+    parser.add_argument("--op", choices=["ce", "logprobs", "all"], default="all")
+    parser.add_argument("--json", help="write the results (with device and versions) here")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU")
+    args = parser.parse_args(argv)
+
+    impls = [name.strip() for name in args.impl.split(",") if name.strip()]
+    unknown = sorted(set(impls) - set(ALL_IMPLS))
+    if unknown:
+        parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(ALL_IMPLS)}")
+    if not torch.cuda.is_available():
+        # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen
+        # before any kernel is defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    ops = ["ce", "logprobs"] if args.op == "all" else [args.op]
+    print(
+        f"device: {environment(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))['device']}\n"
+    )
+    report = run(args.preset, impls, ops, args.reps)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
