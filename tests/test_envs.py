@@ -97,7 +97,9 @@ def test_math_env_steps_and_records_answers():
     assert not wrong.done and wrong.reward == 0.0 and wrong.feedback == DEFAULT_FEEDBACK
     assert wrong.answer == "1000"  # normalised, so repeats are recognised
     malformed = env.step(problem, "I think it is three quarters", 3)
-    assert malformed.answer is None and not malformed.parsed and malformed.feedback == DEFAULT_FEEDBACK
+    assert (
+        malformed.answer is None and not malformed.parsed and malformed.feedback == DEFAULT_FEEDBACK
+    )
     assert normalize_math_answer("\\left( 1, 2 \\right)") == "(1,2)"
 
 
@@ -201,12 +203,18 @@ def test_registry_errors(spec, config, message):
 def test_load_problems_field_mapping_and_errors(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(
-        json.dumps({"problem": "1+1", "solution": 2, "id": 7}) + "\n\n"
-        + json.dumps({"problem": "2+2", "solution": "4", "id": 8}) + "\n"
+        json.dumps({"problem": "1+1", "solution": 2, "id": 7})
+        + "\n\n"
+        + json.dumps({"problem": "2+2", "solution": "4", "id": 8})
+        + "\n"
     )
-    problems = load_problems(path, fields={"question": "problem", "answer": "solution"}, env=MathEnv())
+    problems = load_problems(
+        path, fields={"question": "problem", "answer": "solution"}, env=MathEnv()
+    )
     assert [p["question"] for p in problems] == ["1+1", "2+2"] and problems[0]["id"] == 7
-    assert len(load_problems(path, fields={"question": "problem", "answer": "solution"}, limit=1)) == 1
+    assert (
+        len(load_problems(path, fields={"question": "problem", "answer": "solution"}, limit=1)) == 1
+    )
 
     with pytest.raises(EnvironmentSpecError, match=r"p.jsonl:1: .*needs the field"):
         load_problems(path, env=MathEnv())

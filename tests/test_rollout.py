@@ -47,10 +47,16 @@ def build_tokenizer(chat_template: str | None = CHATML):
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    core.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>"]])
+    core.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>"]]
+    )
     kwargs = {"chat_template": chat_template} if chat_template else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", **kwargs
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        **kwargs,
     )
 
 
@@ -115,7 +121,9 @@ class ScriptedEngine(Engine):
             text = self.tokenizer.decode(prompt)
             key = text.split("What is ")[1].split()[0]
             turn = sum(1 for t in prompt if t == im_start) // 2  # user+assistant per turn
-            ids = self.tokenizer.encode(self.answers.get((key, turn), "no idea"), add_special_tokens=False)
+            ids = self.tokenizer.encode(
+                self.answers.get((key, turn), "no idea"), add_special_tokens=False
+            )
             ids.append(self.tokenizer.eos_token_id)
             out.append(Generation(token_ids=ids, finish_reason="stop"))
         return out
@@ -130,9 +138,11 @@ def test_hf_engine_logprobs_match_teacher_forcing_and_stop_trimming(tokenizer, m
     prompts = [formatter.prompt_ids([{"role": "user", "content": q["question"]}]) for q in PROBLEMS]
     prompts[1] = prompts[1][:5]  # different lengths: left padding is exercised
     stop = tokenizer.convert_tokens_to_ids("7")  # a frequent-enough token to stop on
-    params = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=(stop,), logprobs=True)
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=12, stop_token_ids=(stop,), logprobs=True
+    )
     generations = engine.generate(prompts, params, seeds=[1, 2, 3])
-    for prompt, gen in zip(prompts, generations):
+    for prompt, gen in zip(prompts, generations, strict=True):
         assert 1 <= len(gen.token_ids) <= 12
         assert stop not in gen.token_ids[:-1]  # trimmed right after the first stop token
         assert (gen.finish_reason == "stop") == (gen.token_ids[-1] == stop)
@@ -183,9 +193,15 @@ def test_rollout_tokens_equal_chat_template_of_final_conversation(tokenizer, mod
     engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
     env = load_environment("math")
     run = collect_trajectories(
-        engine, tokenizer, env, PROBLEMS[:2], n=2, max_turns=3,
+        engine,
+        tokenizer,
+        env,
+        PROBLEMS[:2],
+        n=2,
+        max_turns=3,
         sampling=SamplingParams(temperature=1.0, max_new_tokens=8, logprobs=True),
-        seed=0, progress=False,
+        seed=0,
+        progress=False,
     )
     formatter = ChatFormatter(tokenizer)
     assert run.report.checked == 4 and run.report.mismatched == 0
@@ -194,7 +210,9 @@ def test_rollout_tokens_equal_chat_template_of_final_conversation(tokenizer, mod
         assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
         assert len(assistant) == traj.num_turns == len(traj.rewards)
         for k, content in enumerate(assistant, start=1):
-            turn_tokens = [t for t, turn in zip(traj.token_ids, traj.turn_ids) if turn == k]
+            turn_tokens = [
+                t for t, turn in zip(traj.token_ids, traj.turn_ids, strict=True) if turn == k
+            ]
             # the k-th assistant turn holds exactly the generated ids (content, maybe a stop)
             assert formatter.decode(turn_tokens).startswith(content)
         feedback = [m["content"] for m in traj.messages if m["role"] == "user"][1:]
@@ -223,8 +241,15 @@ def test_trajectories_stop_at_first_correct_turn_with_penalties(tokenizer):
     }
     engine = ScriptedEngine(tokenizer, answers)
     rollouts = run_rollouts(
-        engine, tokenizer, load_environment("math"), PROBLEMS, n=2, max_turns=3,
-        sampling=SamplingParams(temperature=1.0, max_new_tokens=16), seed=0, progress=False,
+        engine,
+        tokenizer,
+        load_environment("math"),
+        PROBLEMS,
+        n=2,
+        max_turns=3,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=16),
+        seed=0,
+        progress=False,
     )
     assert engine.calls == [6, 4, 4]  # solved trajectories leave the batch
     assert rollouts.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
@@ -245,8 +270,11 @@ def test_sharded_rollout_equals_single_process(tokenizer, model):
     engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
     env = load_environment("math")
     kwargs = dict(
-        n=2, max_turns=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=6, logprobs=True),
-        seed=3, progress=False,
+        n=2,
+        max_turns=2,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=6, logprobs=True),
+        seed=3,
+        progress=False,
     )
     single = run_rollouts(engine, tokenizer, env, PROBLEMS, **kwargs)
     shards = [
@@ -265,8 +293,15 @@ def test_tokenizer_without_chat_template_is_a_clear_error():
     engine = ScriptedEngine(tokenizer, {})
     with pytest.raises(ConfigError, match="no chat template"):
         run_rollouts(
-            engine, tokenizer, load_environment("math"), PROBLEMS, n=1, max_turns=1,
-            sampling=SamplingParams(), seed=0, progress=False,
+            engine,
+            tokenizer,
+            load_environment("math"),
+            PROBLEMS,
+            n=1,
+            max_turns=1,
+            sampling=SamplingParams(),
+            seed=0,
+            progress=False,
         )
 
 
@@ -281,8 +316,16 @@ def test_template_that_rewrites_history_is_reported(tokenizer):
     engine = ScriptedEngine(tokenizer, {("1", 1): "<answer> 2 </answer>"})
     with pytest.warns(UserWarning, match="differ from apply_chat_template"):
         run = collect_trajectories(
-            engine, tokenizer, load_environment("math"), PROBLEMS[:1], n=1, max_turns=2,
-            sampling=SamplingParams(), seed=0, progress=False, chat_template=template,
+            engine,
+            tokenizer,
+            load_environment("math"),
+            PROBLEMS[:1],
+            n=1,
+            max_turns=2,
+            sampling=SamplingParams(),
+            seed=0,
+            progress=False,
+            chat_template=template,
         )
     assert run.report.mismatched == 1 and run.report.first_position is not None
 
@@ -301,13 +344,39 @@ def test_cli_rollout_writes_file_preview_and_summary(tmp_path):
     from drift_engine.cli import cli
 
     model_dir = save_tiny_model(tmp_path / "model")
-    problems = _write_problems(tmp_path / "p.jsonl", [{"q": r["question"], "a": r["answer"]} for r in PROBLEMS[:2]])
+    problems = _write_problems(
+        tmp_path / "p.jsonl", [{"q": r["question"], "a": r["answer"]} for r in PROBLEMS[:2]]
+    )
     out = tmp_path / "out" / "roll.safetensors"
     args = [
-        "rollout", "--model", str(model_dir), "--env", "math", "--problems", str(problems),
-        "--field", "question=q", "--field", "answer=a", "--out", str(out), "--n", "2",
-        "--max-turns", "2", "--max-new-tokens", "5", "--engine", "hf", "--quiet",
-        "--preview", str(tmp_path / "preview.jsonl"), "--gamma", "0.9", "--beta", "0.1",
+        "rollout",
+        "--model",
+        str(model_dir),
+        "--env",
+        "math",
+        "--problems",
+        str(problems),
+        "--field",
+        "question=q",
+        "--field",
+        "answer=a",
+        "--out",
+        str(out),
+        "--n",
+        "2",
+        "--max-turns",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--engine",
+        "hf",
+        "--quiet",
+        "--preview",
+        str(tmp_path / "preview.jsonl"),
+        "--gamma",
+        "0.9",
+        "--beta",
+        "0.1",
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output

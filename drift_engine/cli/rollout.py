@@ -63,10 +63,15 @@ def env_and_problem_options(f):
         help="Environment constructor option (repeatable; VALUE parsed as JSON when it can be).",
     )(f)
     f = click.option(
-        "--env", "env_spec", required=True, help="Built-in (math, choice, guess) or package.module:Class."
+        "--env",
+        "env_spec",
+        required=True,
+        help="Built-in (math, choice, guess) or package.module:Class.",
     )(f)
     f = click.option("--limit", type=int, help="Use only the first N problems.")(f)
-    f = click.option("--split", default="test", show_default=True, help="Split of a hf:NAME dataset.")(f)
+    f = click.option(
+        "--split", default="test", show_default=True, help="Split of a hf:NAME dataset."
+    )(f)
     f = click.option(
         "--chat-template",
         "chat_template_file",
@@ -83,13 +88,22 @@ def env_and_problem_options(f):
         help="auto: vLLM when installed and a GPU is visible, else Hugging Face generate.",
     )(f)
     f = click.option("--tensor-parallel-size", type=int, default=1, show_default=True)(f)
-    f = click.option("--batch-size", type=int, default=64, show_default=True, help="HF engine batch size.")(f)
-    f = click.option("--dtype", default="auto", show_default=True, help="Model dtype (auto, bfloat16, float32 ...).")(f)
+    f = click.option(
+        "--batch-size", type=int, default=64, show_default=True, help="HF engine batch size."
+    )(f)
+    f = click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        help="Model dtype (auto, bfloat16, float32 ...).",
+    )(f)
     return f
 
 
 @click.command("rollout")
-@click.option("--model", required=True, help="Reference policy: a local folder or a Hugging Face id.")
+@click.option(
+    "--model", required=True, help="Reference policy: a local folder or a Hugging Face id."
+)
 @click.option(
     "--problems",
     required=True,
@@ -101,12 +115,25 @@ def env_and_problem_options(f):
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--logprobs/--no-logprobs", default=True, show_default=True, help="Store sampled-token log-probs.")
+@click.option(
+    "--logprobs/--no-logprobs",
+    default=True,
+    show_default=True,
+    help="Store sampled-token log-probs.",
+)
 @click.option("--preview", type=click.Path(), help="Also write a human-readable JSONL preview.")
-@click.option("--gamma", type=float, help="With --beta: store returns and weights computed with this discount.")
+@click.option(
+    "--gamma",
+    type=float,
+    help="With --beta: store returns and weights computed with this discount.",
+)
 @click.option("--beta", type=float, help="With --gamma: weight temperature of the stored weights.")
-@click.option("--shard-rank", type=int, help="This process's shard (default: torchrun's RANK, else 0).")
-@click.option("--shard-world", type=int, help="Number of shards (default: torchrun's WORLD_SIZE, else 1).")
+@click.option(
+    "--shard-rank", type=int, help="This process's shard (default: torchrun's RANK, else 0)."
+)
+@click.option(
+    "--shard-world", type=int, help="Number of shards (default: torchrun's WORLD_SIZE, else 1)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @env_and_problem_options
 def rollout(

@@ -26,7 +26,8 @@ DEFAULT_CHOICE_PROMPT = (
 )
 
 _ANSWER_IS = re.compile(
-    r"answer\s*(?:is|:)?\s*(?:option\s*)?[:\s]*[(\[*]*\s*([A-J])\s*[)\]*]*(?![A-Za-z])", re.IGNORECASE
+    r"answer\s*(?:is|:)?\s*(?:option\s*)?[:\s]*[(\[*]*\s*([A-J])\s*[)\]*]*(?![A-Za-z])",
+    re.IGNORECASE,
 )
 _PAREN = re.compile(r"\(([A-J])\)")
 _BARE = re.compile(r"^\s*[(\[*]*\s*([A-J])\s*[)\]*]*\s*[.:]?\s*$")

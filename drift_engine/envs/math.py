@@ -92,7 +92,9 @@ _UNIT_WORDS = (
     "kg|g|grams|gram|pounds|pound|lbs|lb|liters|liter|litres|litre|l|ml|mph|km/h"
 )
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
-_TRAILING_UNIT = re.compile(rf"^({_NUMBER}|{_NUMBER}/\d+|\\frac\{{[^{{}}]*\}}\{{[^{{}}]*\}})\s*(?:{_UNIT_WORDS})(?:\^?[23])?$")
+_TRAILING_UNIT = re.compile(
+    rf"^({_NUMBER}|{_NUMBER}/\d+|\\frac\{{[^{{}}]*\}}\{{[^{{}}]*\}})\s*(?:{_UNIT_WORDS})(?:\^?[23])?$"
+)
 _TEXT_BLOCK = re.compile(r"\\(?:text|textbf|mbox|mathrm|textrm|operatorname)\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+)(?![\d,])")
 _ASSIGNMENT = re.compile(r"^[a-zA-Z]\s*=\s*(?=[^=])")
@@ -103,7 +105,17 @@ def normalize_math_answer(answer: str) -> str:
     s = answer.strip()
     s = re.sub(r"^\$+|\$+$", "", s).strip()
     s = re.sub(r"^\\[\[(]|\\[\])]$", "", s).strip()
-    for token in ("\\displaystyle", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad"):
+    for token in (
+        "\\displaystyle",
+        "\\left",
+        "\\right",
+        "\\!",
+        "\\,",
+        "\\;",
+        "\\:",
+        "\\quad",
+        "\\qquad",
+    ):
         s = s.replace(token, " " if token.startswith("\\q") else "")
     s = s.replace("\\ ", " ").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\%", "%").replace("\\$", "").replace("$", "")
@@ -163,8 +175,16 @@ def _numeric_values(s: str) -> set[Fraction]:
 
 _ALLOWED_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp", "E", "I"}
 _LATEX_WORDS = {
-    "\\pi": " pi ", "\\infty": " oo ", "\\cdot": "*", "\\times": "*", "\\div": "/",
-    "\\sin": " sin", "\\cos": " cos", "\\tan": " tan", "\\ln": " log", "\\log": " log",
+    "\\pi": " pi ",
+    "\\infty": " oo ",
+    "\\cdot": "*",
+    "\\times": "*",
+    "\\div": "/",
+    "\\sin": " sin",
+    "\\cos": " cos",
+    "\\tan": " tan",
+    "\\ln": " log",
+    "\\log": " log",
     "\\exp": " exp",
 }
 
@@ -319,7 +339,7 @@ def math_equal(
             return False
         return all(
             math_equal(r, a, use_math_verify=use_math_verify, timeout=timeout)
-            for r, a in zip(ref_parts, ans_parts)
+            for r, a in zip(ref_parts, ans_parts, strict=True)
         )
     if _symbolic_equal(ref, ans, timeout):
         return True

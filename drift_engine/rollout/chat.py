@@ -130,7 +130,9 @@ class ChatFormatter:
         # Stopped on a token the template does not close with (e.g. EOS vs end-of-turn).
         return closing, False
 
-    def feedback_delta(self, conversation: Sequence[Message], user_message: Message) -> tuple[str, bool]:
+    def feedback_delta(
+        self, conversation: Sequence[Message], user_message: Message
+    ) -> tuple[str, bool]:
         """Template text that the new user message and the generation prompt add after
         ``conversation`` (which ends with an assistant message)."""
         before = self.render(conversation, add_generation_prompt=False)
@@ -144,7 +146,7 @@ class ChatFormatter:
 
 def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     """Index of the first position where ``a`` and ``b`` differ (incl. length); None if equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))

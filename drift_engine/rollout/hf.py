@@ -189,6 +189,6 @@ class HFEngine(Engine):
             outputs = self._generate_batch(
                 [prompts[i] for i in chunk], params, [seeds[i] for i in chunk]
             )
-            for i, generation in zip(chunk, outputs):
+            for i, generation in zip(chunk, outputs, strict=True):
                 results[i] = generation
         return results  # type: ignore[return-value]

@@ -196,7 +196,7 @@ def collect_trajectories(
         seeds = [request_seed(seed, t.prompt_index, t.sample_index, turn) for t in active]
         generations = engine.generate([t.token_ids for t in active], params, seeds)
         still_active = []
-        for traj, generation in zip(active, generations):
+        for traj, generation in zip(active, generations, strict=True):
             ids = list(generation.token_ids)
             stopped = bool(ids) and ids[-1] in stop_set
             content = formatter.decode(ids[:-1] if stopped else ids)
@@ -265,7 +265,9 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="traj", desc="rollout", disable=not enabled, smoothing=0.1)
 
 
-def _check_against_template(traj: Trajectory, formatter: ChatFormatter, report: TemplateReport) -> None:
+def _check_against_template(
+    traj: Trajectory, formatter: ChatFormatter, report: TemplateReport
+) -> None:
     expected = formatter.conversation_ids(traj.messages)
     position = first_mismatch(traj.token_ids, expected)
     report.checked += 1

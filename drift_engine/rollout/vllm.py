@@ -101,13 +101,16 @@ class VLLMEngine(Engine):
             if params.logprobs:
                 # completion.logprobs: one {token_id: Logprob} dict per generated position
                 logprobs = [
-                    float(step[token].logprob) for step, token in zip(completion.logprobs, ids)
+                    float(step[token].logprob)
+                    for step, token in zip(completion.logprobs, ids, strict=False)
                 ]
             generations.append(
                 Generation(
                     token_ids=ids,
                     logprobs=logprobs,
-                    finish_reason="stop" if stopped or completion.finish_reason == "stop" else "length",
+                    finish_reason="stop"
+                    if stopped or completion.finish_reason == "stop"
+                    else "length",
                 )
             )
         return generations

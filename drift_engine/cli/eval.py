@@ -1,0 +1,130 @@
+"""``drift-engine eval``: multi@k of one or more models on one or more benchmarks.
+
+Writes ``<out>/<benchmark>.json`` (every model's multi@1..K and per-problem first correct
+turn), ``<out>/<benchmark>.md`` (the table) and ``<out>/<benchmark>.png`` (multi@k vs k).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from drift_engine.cli.rollout import env_and_problem_options, parse_env_options, read_chat_template
+from drift_engine.errors import ConfigError
+
+
+def _benchmark_name(source: str) -> str:
+    if source.startswith("hf:"):
+        return source[3:].replace("/", "__")
+    return Path(source).stem
+
+
+def _model_label(path: str, taken: set[str]) -> str:
+    label = Path(path.rstrip("/")).name or path
+    base, i = label, 2
+    while label in taken:
+        label, i = f"{base}-{i}", i + 1
+    taken.add(label)
+    return label
+
+
+@click.command("eval")
+@click.option(
+    "--model",
+    "models",
+    required=True,
+    multiple=True,
+    help="Model folder or id (repeatable: compared).",
+)
+@click.option(
+    "--problems",
+    "problem_sources",
+    required=True,
+    multiple=True,
+    help="Benchmark: JSONL file or hf:NAME (repeatable).",
+)
+@click.option("--max-turns", type=int, default=5, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@env_and_problem_options
+def eval_command(
+    models: tuple[str, ...],
+    problem_sources: tuple[str, ...],
+    max_turns: int,
+    out: str,
+    env_spec: str,
+    env_options: tuple[str, ...],
+    fields: tuple[str, ...],
+    limit: int | None,
+    split: str,
+    chat_template_file: str | None,
+    max_new_tokens: int,
+    engine_kind: str,
+    tensor_parallel_size: int,
+    batch_size: int,
+    dtype: str,
+) -> None:
+    """Greedy multi-turn evaluation with feedback: multi@k for k = 1..MAX_TURNS."""
+    from drift_engine.envs import load_environment, load_problems, parse_field_mapping
+    from drift_engine.evaluate import (
+        evaluate_multi_at_k,
+        format_table,
+        plot_multi_at_k,
+        write_benchmark_json,
+    )
+    from drift_engine.rollout import ChatFormatter, create_engine, load_tokenizer
+
+    if max_turns < 1:
+        raise ConfigError(f"--max-turns must be at least 1, got {max_turns}.")
+    env = load_environment(env_spec, **parse_env_options(env_options))
+    field_map = parse_field_mapping(fields)
+    benchmarks = {}
+    for source in problem_sources:
+        name = _benchmark_name(source)
+        if name in benchmarks:
+            raise ConfigError(f"two benchmarks are both named {name!r}; rename one of the files.")
+        benchmarks[name] = load_problems(
+            source, fields=field_map, env=env, limit=limit, split=split
+        )
+    chat_template = read_chat_template(chat_template_file)
+
+    results = {name: [] for name in benchmarks}
+    labels: set[str] = set()
+    for model in models:
+        tokenizer = load_tokenizer(model)
+        ChatFormatter(tokenizer, chat_template)
+        engine = create_engine(
+            engine_kind,
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            max_batch_size=batch_size,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+        )
+        label = _model_label(model, labels)
+        for name, problems in benchmarks.items():
+            result = evaluate_multi_at_k(
+                engine,
+                tokenizer,
+                env,
+                problems,
+                max_turns,
+                max_new_tokens=max_new_tokens,
+                chat_template=chat_template,
+                model=label,
+                benchmark=name,
+            )
+            results[name].append(result)
+        del engine  # free the model before loading the next one
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in results.items():
+        table = format_table(rows)
+        write_benchmark_json(rows, out_dir / f"{name}.json")
+        (out_dir / f"{name}.md").write_text(table + "\n", encoding="utf-8")
+        plot_multi_at_k(rows, out_dir / f"{name}.png", title=f"{name}: multi@k")
+        click.echo(f"\n{name} ({rows[0].num_problems} problems)\n{table}")
+    click.echo(f"\nresults in {out_dir}")
