@@ -49,6 +49,7 @@ def test_math_equivalent(reference, answer):
         ("2", "3"),
         ("1/3", "0.333"),
         ("(1,2)", "(2,1)"),
+        ("[1,2)", "(1,2)"),  # intervals keep their ends
         ("yes", "sey"),  # words are not products of symbols
         ("5", "5x"),
         ("1000", "1,00"),
@@ -59,6 +60,15 @@ def test_math_equivalent(reference, answer):
 )
 def test_math_not_equivalent(reference, answer):
     assert not math_equal(reference, answer, use_math_verify=False)
+
+
+def test_math_verify_is_used_when_installed():
+    pytest.importorskip("math_verify")
+    # sets in any order: beyond the built-in rules, within math-verify's
+    assert not math_equal("\\{1,2\\}", "\\{2,1\\}", use_math_verify=False)
+    assert math_equal("\\{1,2\\}", "\\{2,1\\}", use_math_verify=True)
+    assert not math_equal("\\{1,2\\}", "\\{1,3\\}", use_math_verify=True)
+    assert MathEnv().use_math_verify
 
 
 def test_math_symbolic_check_never_evaluates_arbitrary_code():

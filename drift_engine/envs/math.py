@@ -321,6 +321,13 @@ def _split_tuple(s: str) -> list[str] | None:
     return parts if len(parts) > 1 else None
 
 
+def _brackets(s: str) -> str:
+    """The outer bracket pair of a tuple or interval ("()" also for a bare "a,b")."""
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
+        return s[0] + s[-1]
+    return "()"
+
+
 def math_equal(
     reference: str, answer: str, *, use_math_verify: bool = True, timeout: float = 2.0
 ) -> bool:
@@ -336,6 +343,8 @@ def math_equal(
     ref_parts, ans_parts = _split_tuple(ref), _split_tuple(ans)
     if ref_parts is not None or ans_parts is not None:
         if ref_parts is None or ans_parts is None or len(ref_parts) != len(ans_parts):
+            return use_math_verify and _math_verify_equal(reference, answer)
+        if _brackets(ref) != _brackets(ans):  # "[1,2)" is not "(1,2)"
             return False
         return all(
             math_equal(r, a, use_math_verify=use_math_verify, timeout=timeout)
