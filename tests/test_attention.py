@@ -55,7 +55,14 @@ def packed_inputs(num_heads=4, num_kv_heads=2, head_dim=8, seed=0):
 @pytest.mark.parametrize("per_sequence_loop", [False, True], ids=["block_mask", "loop"])
 @pytest.mark.parametrize(
     "causal, window, softcap",
-    [(True, None, None), (True, 3, None), (True, None, 2.0), (True, 5, 1.5), (False, None, None), (False, 2, None)],
+    [
+        (True, None, None),
+        (True, 3, None),
+        (True, None, 2.0),
+        (True, 5, 1.5),
+        (False, None, None),
+        (False, 2, None),
+    ],
 )
 def test_sdpa_backend_matches_reference(monkeypatch, per_sequence_loop, causal, window, softcap):
     if per_sequence_loop:
@@ -63,10 +70,20 @@ def test_sdpa_backend_matches_reference(monkeypatch, per_sequence_loop, causal, 
     q, k, v, cu, max_len = packed_inputs()
     scale = 0.3
     out = varlen_attention(
-        q, k, v, cu, max_len, scale=scale, causal=causal, sliding_window=window,
-        softcap=softcap, backend="sdpa",
+        q,
+        k,
+        v,
+        cu,
+        max_len,
+        scale=scale,
+        causal=causal,
+        sliding_window=window,
+        softcap=softcap,
+        backend="sdpa",
     )
-    ref = reference_attention(q, k, v, LENGTHS, scale=scale, causal=causal, window=window, softcap=softcap)
+    ref = reference_attention(
+        q, k, v, LENGTHS, scale=scale, causal=causal, window=window, softcap=softcap
+    )
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -84,7 +101,7 @@ def test_sdpa_backend_gradients(monkeypatch, per_sequence_loop):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         (fn(*leaves) * grad_out).sum().backward()
         grads.append([t.grad for t in leaves])
-    for got, want in zip(*grads):
+    for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -116,11 +133,21 @@ def test_transformers_forward_packed(source):
     kwargs = {"position_ids": position_ids}
     if source == "cu_seq_lens":
         # Deliberately contradictory position ids: the explicit boundaries win.
-        kwargs = {"position_ids": torch.arange(q.shape[0]).unsqueeze(0), "cu_seq_lens_q": cu,
-                  "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
+        kwargs = {
+            "position_ids": torch.arange(q.shape[0]).unsqueeze(0),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max_len,
+            "max_length_k": max_len,
+        }
     out, weights = varlen_attention_forward(
-        _Attention(sliding_window=3), _to_hf_layout(q), _to_hf_layout(k), _to_hf_layout(v),
-        None, scaling=0.25, **kwargs,
+        _Attention(sliding_window=3),
+        _to_hf_layout(q),
+        _to_hf_layout(k),
+        _to_hf_layout(v),
+        None,
+        scaling=0.25,
+        **kwargs,
     )
     assert weights is None and out.shape == (1, q.shape[0], q.shape[1], v.shape[-1])
     ref = reference_attention(q, k, v, LENGTHS, scale=0.25, window=3)
@@ -131,15 +158,20 @@ def test_transformers_forward_padding_mask():
     """Left- and right-padded rows: real tokens attend among themselves, padding outputs 0."""
     g = torch.Generator().manual_seed(3)
     rows, length, heads, dim = 3, 6, 2, 4
-    q, k, v = (torch.randn(rows, heads, length, dim, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (
+        torch.randn(rows, heads, length, dim, generator=g, dtype=torch.float64) for _ in range(3)
+    )
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     out, _ = varlen_attention_forward(_Attention(), q, k, v, mask)  # (B, L, H, D)
     for b in range(rows):
         real = mask[b].bool()
         n = int(real.sum())
         ref = reference_attention(
-            q[b].transpose(0, 1)[real], k[b].transpose(0, 1)[real], v[b].transpose(0, 1)[real],
-            [n], scale=dim**-0.5,
+            q[b].transpose(0, 1)[real],
+            k[b].transpose(0, 1)[real],
+            v[b].transpose(0, 1)[real],
+            [n],
+            scale=dim**-0.5,
         )
         torch.testing.assert_close(out[b][real], ref, rtol=1e-12, atol=1e-12)
         assert (out[b][~real] == 0).all()
@@ -154,18 +186,32 @@ def test_transformers_forward_decoding_uses_last_keys():
     out, _ = varlen_attention_forward(_Attention(), q, k, v, None, softcap=3.0)
     full_q = torch.cat([torch.zeros(1, 4, 3, 8, dtype=torch.float64), q], dim=2)
     ref = reference_attention(
-        full_q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), [5],
-        scale=8**-0.5, softcap=3.0,
+        full_q[0].transpose(0, 1),
+        k[0].transpose(0, 1),
+        v[0].transpose(0, 1),
+        [5],
+        scale=8**-0.5,
+        softcap=3.0,
     )[3:]
     torch.testing.assert_close(out[0], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_mask_function_builds_no_dense_mask_for_training():
-    mask_kwargs = dict(batch_size=1, q_length=4096, kv_length=4096, q_offset=0, kv_offset=0,
-                       attention_mask=None, allow_is_causal_skip=True, device="cpu")
+    mask_kwargs = dict(
+        batch_size=1,
+        q_length=4096,
+        kv_length=4096,
+        q_offset=0,
+        kv_offset=0,
+        attention_mask=None,
+        allow_is_causal_skip=True,
+        device="cpu",
+    )
     assert varlen_attention_mask(**mask_kwargs) is None
     padding = torch.tensor([[True, True, False]])
-    kept = varlen_attention_mask(**{**mask_kwargs, "q_length": 3, "kv_length": 3, "attention_mask": padding})
+    kept = varlen_attention_mask(
+        **{**mask_kwargs, "q_length": 3, "kv_length": 3, "attention_mask": padding}
+    )
     assert kept.shape == (1, 3)
     # Decoding (query after a cached prefix): a materialised boolean 4-D mask.
     dense = varlen_attention_mask(**{**mask_kwargs, "q_length": 1, "kv_length": 3, "q_offset": 2})
@@ -212,7 +258,9 @@ def test_cuda_kernels_match_fallback(window, dtype):
     total = sum(lengths)
     q, k, v = (torch.randn(total, h, 64, generator=g, dtype=torch.float64) for h in (8, 2, 2))
     cu = cu_seqlens_from_lengths(torch.tensor(lengths)).cuda()
-    truth = varlen_attention(q.cuda(), k.cuda(), v.cuda(), cu, max(lengths), sliding_window=window, backend="sdpa")
+    truth = varlen_attention(
+        q.cuda(), k.cuda(), v.cuda(), cu, max(lengths), sliding_window=window, backend="sdpa"
+    )
     low = [t.to("cuda", dtype) for t in (q, k, v)]
     fallback = varlen_attention(*low, cu, max(lengths), sliding_window=window, backend="sdpa")
     budget = 2 * (fallback.double() - truth).abs().max().item() + 1e-3
@@ -222,3 +270,13 @@ def test_cuda_kernels_match_fallback(window, dtype):
         out = varlen_attention(*low, cu, max(lengths), sliding_window=window, backend=backend)
         err = (out.double() - truth).abs().max().item()
         assert err <= budget, f"{backend}: error {err:.3g} > {budget:.3g}"
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v, cu, max_len = packed_inputs()
+    q, k, v = q.float(), k.float(), v.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, cu, max_len)
+    assert out.dtype == torch.bfloat16
+    ref = reference_attention(q.double(), k.double(), v.double(), LENGTHS, scale=8**-0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.05)

@@ -57,7 +57,9 @@ def register_varlen_attention(backend: str = "auto") -> str:
     """
     global _backend
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(
+            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -80,7 +82,11 @@ class _PerForwardCache:
         self._value: Any = None
 
     def get(self, source: torch.Tensor) -> Any:
-        if self._source is not None and self._source() is source and source._version == self._version:
+        if (
+            self._source is not None
+            and self._source() is source
+            and source._version == self._version
+        ):
             return self._value
         return None
 
@@ -157,8 +163,14 @@ def varlen_attention_forward(
     if (attention_mask is not None and attention_mask.dim() == 4) or key.shape[2] != length:
         # Decoding with a KV cache: the mask function returned transformers' (B, 1, L, S) mask.
         out = dense_attention(
-            query, key, value, attention_mask,
-            scale=scaling, causal=is_causal, softcap=softcap, dropout=dropout,
+            query,
+            key,
+            value,
+            attention_mask,
+            scale=scaling,
+            causal=is_causal,
+            softcap=softcap,
+            dropout=dropout,
         )  # (B, Hq, L, D)
         return out.transpose(1, 2).contiguous(), None
 
@@ -173,9 +185,17 @@ def varlen_attention_forward(
         q, k, v = q[token_index], k[token_index], v[token_index]  # (N, H, D)
 
     out = varlen_attention(
-        q, k, v, cu_seqlens, max_seqlen,
-        scale=scaling, causal=is_causal, sliding_window=sliding_window,
-        softcap=softcap, dropout=dropout, backend=_backend,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        scale=scaling,
+        causal=is_causal,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        dropout=dropout,
+        backend=_backend,
     )  # (N, Hq, Dv)
 
     if token_index is not None:

@@ -102,7 +102,9 @@ def select_backend(
 ) -> str:
     """The fastest backend that computes this call exactly: flash_attn, then torch, then sdpa."""
     if _kernel_eligible(query, key):
-        if _flash_attn_varlen_func() is not None and (softcap is None or _flash_attn_supports_softcap()):
+        if _flash_attn_varlen_func() is not None and (
+            softcap is None or _flash_attn_supports_softcap()
+        ):
             return "flash_attn"
         torch_varlen = _torch_varlen_attn()
         if torch_varlen is not None and softcap is None and dropout == 0.0:
@@ -146,16 +148,33 @@ def varlen_attention(
             "multiple of the key/value heads (grouped-query attention)"
         )
     if sliding_window is not None and sliding_window < 1:
-        raise ConfigError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
+        raise ConfigError(
+            f"sliding_window must be a positive number of tokens, got {sliding_window}"
+        )
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast, SDPA runs in the autocast dtype; so do the kernels (which are not
+        # autocast-aware, and rotary embeddings hand them fp32 queries and keys).
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(compute_dtype) for t in (query, key, value))
     if backend == "auto":
         backend = select_backend(
             query, key, sliding_window=sliding_window, softcap=softcap, dropout=dropout
         )
     if backend == "flash_attn":
         return _flash_attn(
-            query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap, dropout
+            query,
+            key,
+            value,
+            cu_seqlens,
+            max_seqlen,
+            scale,
+            causal,
+            sliding_window,
+            softcap,
+            dropout,
         )
     if backend == "torch":
         if softcap is not None or dropout != 0.0:
@@ -163,7 +182,9 @@ def varlen_attention(
                 "the 'torch' varlen backend supports neither softcap nor attention dropout; "
                 "use backend='auto' or 'sdpa'"
             )
-        return _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window)
+        return _torch_varlen(
+            query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window
+        )
     if backend == "sdpa":
         return _sdpa_varlen(
             query, key, value, cu_seqlens, scale, causal, sliding_window, softcap, dropout
@@ -171,10 +192,14 @@ def varlen_attention(
     raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _flash_attn(query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap, dropout):
+def _flash_attn(
+    query, key, value, cu_seqlens, max_seqlen, scale, causal, sliding_window, softcap, dropout
+):
     fn = _flash_attn_varlen_func()
     if fn is None:
-        raise ConfigError("backend 'flash_attn' needs the flash-attn package: pip install flash-attn")
+        raise ConfigError(
+            "backend 'flash_attn' needs the flash-attn package: pip install flash-attn"
+        )
     cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
     kwargs = {}
     if softcap is not None:
@@ -226,12 +251,12 @@ def _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, causal, slid
             kwargs["enable_gqa"] = True
         else:
             key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
-    return varlen_attn(
-        query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs
-    )
+    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
-def _repeat_kv(key: torch.Tensor, value: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _repeat_kv(
+    key: torch.Tensor, value: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, Hkv, D) -> (T, Hkv * groups, D), each key/value head shared by `groups` query heads."""
     if groups == 1:
         return key, value
@@ -265,15 +290,21 @@ def _sdpa_varlen(query, key, value, cu_seqlens, scale, causal, sliding_window, s
         same_sequence = sequence_of[:, None] == sequence_of[None, :]  # (T, T)
         allowed = same_sequence if allowed is None else allowed & same_sequence
         out = _masked_attention(
-            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-            allowed, None, scale, softcap, dropout,
+            query.transpose(0, 1),
+            key.transpose(0, 1),
+            value.transpose(0, 1),
+            allowed,
+            None,
+            scale,
+            softcap,
+            dropout,
         )  # (Hq, T, D)
         return out.transpose(0, 1)
 
     # Host copy of the boundaries: one sync, then one attention call per sequence.
     bounds = cu_seqlens.tolist()
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
         length = end - start
@@ -284,8 +315,14 @@ def _sdpa_varlen(query, key, value, cu_seqlens, scale, causal, sliding_window, s
         if needs_mask:
             local = torch.arange(length, device=query.device)
             out = _masked_attention(
-                q, k, v, _allowed_positions(local, local, causal, sliding_window), None,
-                scale, softcap, dropout,
+                q,
+                k,
+                v,
+                _allowed_positions(local, local, causal, sliding_window),
+                None,
+                scale,
+                softcap,
+                dropout,
             )
         else:
             out = _masked_attention(q, k, v, None, causal, scale, None, dropout)
@@ -299,7 +336,8 @@ def _masked_attention(
     query: torch.Tensor,  # (..., Hq, Lq, D)
     key: torch.Tensor,  # (..., Hq, Lk, D)
     value: torch.Tensor,  # (..., Hq, Lk, D)
-    mask: torch.Tensor | None,  # broadcastable to (..., Hq, Lq, Lk): bool (True = attend) or additive
+    mask: torch.Tensor
+    | None,  # broadcastable to (..., Hq, Lq, Lk): bool (True = attend) or additive
     is_causal: bool | None,  # only when mask is None: causal aligned to the last key
     scale: float,
     softcap: float | None,
@@ -318,12 +356,20 @@ def _masked_attention(
         is_causal = False
     if softcap is None:
         return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout,
-            is_causal=bool(is_causal) and mask is None, scale=scale,
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=bool(is_causal) and mask is None,
+            scale=scale,
         )
     if mask is None and is_causal:
         mask = _allowed_positions(
-            torch.arange(q_len, device=query.device), torch.arange(k_len, device=query.device), True, None
+            torch.arange(q_len, device=query.device),
+            torch.arange(k_len, device=query.device),
+            True,
+            None,
         )
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (..., Hq, Lq, Lk)
     scores = torch.tanh(scores / softcap) * softcap
