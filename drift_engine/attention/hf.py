@@ -70,28 +70,28 @@ def register_varlen_attention(backend: str = "auto") -> str:
 
 
 class _PerForwardCache:
-    """Boundaries derived from one tensor (position ids or padding mask), reused across layers.
+    """Boundaries derived from a tensor (position ids or padding mask), reused across layers.
 
     Keyed by the tensor's identity and version counter: every layer of a forward (and the
-    recomputation under gradient checkpointing) receives the same tensor object.
+    recomputation under gradient checkpointing) receives the same tensor object. Two entries,
+    because models with sliding-window layers alternate between two masks.
     """
 
+    _SIZE = 2
+
     def __init__(self) -> None:
-        self._source: weakref.ref | None = None
-        self._version = -1
-        self._value: Any = None
+        self._entries: list[tuple[weakref.ref, int, Any]] = []
 
     def get(self, source: torch.Tensor) -> Any:
-        if (
-            self._source is not None
-            and self._source() is source
-            and source._version == self._version
-        ):
-            return self._value
+        for ref, version, value in self._entries:
+            if ref() is source and source._version == version:
+                return value
         return None
 
     def put(self, source: torch.Tensor, value: Any) -> Any:
-        self._source, self._version, self._value = weakref.ref(source), source._version, value
+        self._entries = [(weakref.ref(source), source._version, value)] + self._entries[
+            : self._SIZE - 1
+        ]
         return value
 
 

@@ -48,7 +48,8 @@ def load_model(
     ``attn_implementation="drift_varlen"`` (the default) registers and uses the packed
     variable-length attention; any implementation transformers knows ("sdpa", "eager",
     "flash_attention_2") also works with packed batches when the KV cache is off, which
-    :func:`~drift_engine.models.model_hidden_states` ensures.
+    :func:`~drift_engine.models.model_hidden_states` ensures per call (the config's
+    ``use_cache`` is left as is, so saved checkpoints generate with a cache).
     """
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -80,9 +81,6 @@ def load_model(
         raise
     if device is not None:
         model = model.to(device)
-    # Training runs whole sequences: no KV cache (it would also disable transformers'
-    # detection of packed position ids for sdpa/eager attention).
-    model.config.use_cache = False
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(

@@ -194,6 +194,8 @@ def weighted_sft_loss(
     trajectory's weight over its trained-token count, so the sum is ``Σ_i w_i·ℓ_i``; the
     normaliser is the step's global trajectory count (or Σw, or token count) so that gradient
     accumulation does not change the result. None means this batch's ``num_trajectories``.
+    ``batch.num_trained_tokens`` (when present) must equal the number of labels other than
+    -100: it sizes the selection of trained rows without a host synchronisation.
     """
     hidden, weight, bias, softcap = model_hidden_states(model, batch)
     loss_sum = fused_weighted_loss_sum(
