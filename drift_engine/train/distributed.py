@@ -213,9 +213,7 @@ def prepare_model(
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
-        fully_shard(
-            layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward
-        )
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters are kept gathered from its forward to its backward by FSDP2.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
@@ -283,7 +281,9 @@ def run_forward(model: nn.Module, fn: Callable[[nn.Module], T]) -> T:
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, ctx: DistributedContext, *, last_micro_batch: bool) -> Iterator[None]:
+def gradient_sync(
+    model: nn.Module, ctx: DistributedContext, *, last_micro_batch: bool
+) -> Iterator[None]:
     """Context for one micro-batch's forward and backward under gradient accumulation.
 
     DDP: the all-reduce is skipped (``no_sync``) on every micro-batch but the step's last.
@@ -339,9 +339,7 @@ def shard_micro_batches(
     loads = [0] * world
     assigned: list[list[int]] = [[] for _ in range(world)]
     for i in order:
-        rank = min(
-            (r for r in range(world) if len(assigned[r]) < cap), key=lambda r: (loads[r], r)
-        )
+        rank = min((r for r in range(world) if len(assigned[r]) < cap), key=lambda r: (loads[r], r))
         assigned[rank].append(i)
         loads[rank] += sizes[i]
 
