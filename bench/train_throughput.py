@@ -1,0 +1,468 @@
+"""Training throughput: the DRIFT reference step vs this trainer, same model, same data.
+
+Both sides train the same random-initialised model on the same synthetic trajectories
+(multi-turn, last assistant turn trained, lengths log-normal), once each, after a short
+untimed warmup:
+
+- reference: as the DRIFT reference trains (Hugging Face Trainer step): batches of 8
+  trajectories right-padded to the longest, SDPA attention, full-vocabulary logits cast to
+  fp32, per-trajectory token-mean cross-entropy × weight averaged over the batch, AdamW
+  (fused on CUDA), parameters in the compute dtype;
+- drift-engine: ``drift_engine.train.Trainer`` (packed micro-batches under a token budget,
+  varlen attention, fused weighted loss, fp32 master weights with 16-bit autocast on GPU).
+
+Reported per side: real (non-padding) tokens/s, the padding fraction of what the model
+processed, peak memory (CUDA), and MFU = (6·P·tokens + attention FLOPs) / time / peak,
+where P counts the parameters used in matrix products (the LM head, not the embedding
+lookup), attention FLOPs are 6·layers·heads·head_dim·L² per trajectory of L real tokens
+(causal QKᵀ and AV, forward + backward), and peak is the card's dense bf16 TFLOP/s from
+the table below. Only real tokens count as useful work.
+
+    python bench/train_throughput.py --preset cpu
+    python bench/train_throughput.py --preset gpu --json bench/results/train_throughput_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from drift_engine.data.rollouts import RolloutSet, save_rollouts
+from drift_engine.train.config import config_from_dict
+from drift_engine.train.loop import Trainer
+
+# Dense bf16 peak of the card (TFLOP/s, no sparsity), matched against the device name.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+}
+
+# Qwen2-0.5B's architecture (no download: random initialisation).
+QWEN2_0_5B = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+
+TINY = {
+    "model_type": "qwen2",
+    "vocab_size": 4096,
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+PRESETS = {
+    # finishes in well under 2 minutes on 2 CPU cores
+    "cpu": dict(
+        model=TINY,
+        dtype="float32",
+        trajectories=64,
+        median_tokens=128,
+        max_tokens=1024,
+        batch_tokens=2048,
+        reference_batch=8,
+        reference_gradient_checkpointing=False,
+        warmup_steps=1,
+    ),
+    "gpu": dict(
+        model=QWEN2_0_5B,
+        dtype="bfloat16",
+        trajectories=512,
+        median_tokens=900,
+        max_tokens=8192,
+        batch_tokens=16384,
+        reference_batch=8,
+        # the reference runs out of memory on an 80 GB card without it
+        reference_gradient_checkpointing=True,
+        warmup_steps=2,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def synthetic_rollouts(
+    num: int, median_tokens: int, max_tokens: int, vocab: int, seed: int
+) -> RolloutSet:
+    """``num`` trajectories with log-normal lengths (median ``median_tokens``, σ = 0.6),
+    1-3 assistant turns separated by context; the last turn is ~25% of the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(math.log(median_tokens) + 0.6 * torch.randn(num, generator=g))
+    lengths = lengths.round().clamp(32, max_tokens).long().tolist()
+    tokens, turns, groups, rewards = [], [], [], []
+    for i, length in enumerate(lengths):
+        n_turns = int(torch.randint(1, 4, (1,), generator=g))
+        last = max(2, length // 4)
+        prefix = length - last
+        # context, (answer, context) * (n_turns - 1), then the last answer
+        cuts = torch.linspace(0, prefix, 2 * n_turns).round().long().tolist()
+        tids: list[int] = []
+        for seg in range(2 * n_turns - 1):
+            size = cuts[seg + 1] - cuts[seg]
+            tids += [0 if seg % 2 == 0 else seg // 2 + 1] * size
+        tids += [n_turns] * last
+        tokens.append(torch.randint(0, vocab, (length,), generator=g).tolist())
+        turns.append(tids)
+        groups.append(i // 8)
+        rewards.append([0.0] * (n_turns - 1) + [float(torch.rand(1, generator=g) < 0.5)])
+    rs = RolloutSet.from_trajectories(tokens, turns, groups, rewards)
+    weights = torch.exp(torch.randn(num, generator=g) * 0.5).to(torch.float32)
+    return dataclasses.replace(rs, weights=weights)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters taking part in matrix products: all but the input embedding, plus the
+    LM head when it is tied to the embedding."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embedding
+    return total - embedding.numel() + (embedding.numel() if tied else 0)
+
+
+def training_flops(model_config: dict, params: int, lengths: list[int]) -> float:
+    head_dim = model_config["hidden_size"] // model_config["num_attention_heads"]
+    attention = sum(
+        6
+        * model_config["num_hidden_layers"]
+        * model_config["num_attention_heads"]
+        * head_dim
+        * L**2
+        for L in lengths
+    )
+    return 6.0 * params * sum(lengths) + attention
+
+
+def peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    if device.type != "cuda":
+        return None, "cpu (no bf16 peak stated; MFU not reported)"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value, name
+    return None, f"{name} (peak unknown; MFU not reported)"
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, seed: int) -> dict:
+    """The DRIFT reference's step over every trajectory in padded batches; returns timings."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, preset["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa"
+    ).to(device)
+    model.config.use_cache = False
+    if preset["reference_gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-6, weight_decay=0.1, fused=device.type == "cuda"
+    )
+    trained = rollouts.trained_mask("last")  # (T,)
+    order = torch.randperm(rollouts.num_trajectories, generator=torch.Generator().manual_seed(seed))
+    size = preset["reference_batch"]
+    batches = [order[i : i + size].tolist() for i in range(0, len(order), size)]
+
+    def step(rows: list[int]) -> tuple[int, int]:
+        seqs = [rollouts.input_ids[rollouts.trajectory_slice(i)].long() for i in rows]
+        masks = [trained[rollouts.trajectory_slice(i)] for i in rows]
+        longest = max(len(s) for s in seqs)
+        input_ids = torch.zeros(len(rows), longest, dtype=torch.long)  # (B, L)
+        attention = torch.zeros(len(rows), longest, dtype=torch.long)  # (B, L)
+        labels = torch.full((len(rows), longest), -100, dtype=torch.long)  # (B, L)
+        for b, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+            input_ids[b, : len(s)] = s
+            attention[b, : len(s)] = 1
+            labels[b, : len(s)] = torch.where(m, s, -100)
+        input_ids, attention, labels = (t.to(device) for t in (input_ids, attention, labels))
+        weights = rollouts.weights[rows].to(device)  # (B,)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()  # (B, L, V)
+        ce = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none"
+        )  # (B, L-1), 0 where ignored
+        counts = (labels[:, 1:] != -100).sum(1).clamp_min(1)  # (B,)
+        loss = (weights * ce.sum(1) / counts).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(len(s) for s in seqs), len(rows) * longest
+
+    for rows in batches[: preset["warmup_steps"]]:
+        step(rows)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    real = padded = 0
+    start = time.perf_counter()
+    for rows in batches:
+        r, p = step(rows)
+        real += r
+        padded += p
+    _sync(device)
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "real_tokens": real,
+        "processed_tokens": padded,
+        "padding_fraction": 1 - real / padded,
+        "optimizer_steps": len(batches),
+        "peak_memory_gb": _peak_gb(device),
+        "params_for_flops": matmul_params(model),
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, seed: int) -> dict:
+    """This trainer over every trajectory: one packed micro-batch per optimizer step."""
+    config = config_from_dict(
+        {
+            "out": str(out),
+            "seed": seed,
+            "device": str(device),
+            "progress": False,
+            "data": {"path": str(data), "batch_tokens": preset["batch_tokens"], "grad_accum": 1},
+            "model": {"name_or_path": str(model_dir), "dtype": preset["dtype"]},
+            "optim": {"lr": 1e-6},
+        }
+    )
+    trainer = Trainer(config)
+    plan = trainer.epoch_plan(0)
+    for micro_batch in plan.micro_batches[: preset["warmup_steps"]]:
+        trainer.train_step([micro_batch])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    real = 0
+    start = time.perf_counter()
+    for micro_batch in plan.micro_batches:
+        real += trainer.train_step([micro_batch])["tokens"]
+    _sync(device)
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "real_tokens": real,
+        "processed_tokens": real,
+        "padding_fraction": 0.0,
+        "packing_efficiency": plan.stats.efficiency,
+        "optimizer_steps": len(plan.micro_batches),
+        "peak_memory_gb": _peak_gb(device),
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def machine_info(device: torch.device) -> dict:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--trajectories", type=int, help="override the preset's count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    preset = dict(PRESETS[args.preset])
+    if args.trajectories:
+        preset["trajectories"] = args.trajectories
+    device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("the gpu preset needs CUDA")
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = preset["model"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir, data = tmp / "model", tmp / "rollouts.safetensors"
+        hf_config = AutoConfig.for_model(**model_config)
+        torch.manual_seed(args.seed)
+        AutoModelForCausalLM.from_config(hf_config).save_pretrained(model_dir)
+        rollouts = synthetic_rollouts(
+            preset["trajectories"],
+            preset["median_tokens"],
+            preset["max_tokens"],
+            model_config["vocab_size"],
+            args.seed,
+        )
+        save_rollouts(data, rollouts)
+        lengths = rollouts.lengths().tolist()
+
+        reference = reference_pass(model_dir, rollouts, preset, device, args.seed)
+        _free(device)  # the reference's model and optimizer went out of scope
+        ours = trainer_pass(model_dir, data, tmp / "out", preset, device, args.seed)
+
+    peak, card = peak_tflops(device)
+    flops = training_flops(model_config, reference["params_for_flops"], lengths)
+    for result in (reference, ours):
+        result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
+        result["tflops_per_s"] = flops / result["seconds"] / 1e12
+        result["mfu"] = result["tflops_per_s"] / peak if peak else None
+    report = {
+        "benchmark": "train_throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "preset": args.preset,
+        "machine": machine_info(device),
+        "peak_bf16_tflops": peak,
+        "card": card,
+        "setup": {
+            "model": model_config,
+            "dtype": preset["dtype"],
+            "trajectories": len(lengths),
+            "tokens": sum(lengths),
+            "median_tokens": preset["median_tokens"],
+            "batch_tokens": preset["batch_tokens"],
+            "reference_batch": preset["reference_batch"],
+            "reference_gradient_checkpointing": preset["reference_gradient_checkpointing"],
+            "flops_formula": "6*P*tokens + 6*layers*heads*head_dim*sum(L^2)",
+            "params_for_flops": reference["params_for_flops"],
+        },
+        "reference": reference,
+        "drift_engine": ours,
+        "speedup": ours["real_tokens_per_s"] / reference["real_tokens_per_s"],
+    }
+    print(markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp_json = args.json.with_name(args.json.name + ".tmp")
+        tmp_json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_json, args.json)
+    return report
+
+
+def markdown(report: dict) -> str:
+    def row(name: str, r: dict) -> str:
+        mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        return (
+            f"| {name} | {r['real_tokens_per_s']:,.0f} | {100 * r['padding_fraction']:.1f}% | "
+            f"{mem} | {r['tflops_per_s']:.3f} | {mfu} | {r['optimizer_steps']} |"
+        )
+
+    s = report["setup"]
+    m = report["machine"]
+    lines = [
+        f"## Training throughput ({report['preset']} preset, {report['date']})",
+        "",
+        f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_threads']} CPU threads, torch {m['torch']}, "
+        f"transformers {m['transformers']}. Peak: {report['card']}"
+        + (
+            f" = {report['peak_bf16_tflops']:.0f} bf16 TFLOP/s."
+            if report["peak_bf16_tflops"]
+            else "."
+        ),
+        f"Model: {s['model']['model_type']} hidden {s['model']['hidden_size']}, "
+        f"{s['model']['num_hidden_layers']} layers, vocab {s['model']['vocab_size']}, {s['dtype']}. "
+        f"Data: {s['trajectories']} trajectories, {s['tokens']:,} tokens (median length "
+        f"{s['median_tokens']}). Reference: padded batches of {s['reference_batch']}"
+        + (", gradient checkpointing" if s["reference_gradient_checkpointing"] else "")
+        + f". drift-engine: {s['batch_tokens']}-token packed micro-batches "
+        f"(packing efficiency {100 * report['drift_engine']['packing_efficiency']:.1f}%).",
+        "",
+        "| | real tokens/s | padding | peak GB | TFLOP/s | MFU | optimizer steps |",
+        "|---|---|---|---|---|---|---|",
+        row("reference (padded, fp32 logits)", report["reference"]),
+        row("drift-engine (packed, fused loss)", report["drift_engine"]),
+        "",
+        f"Speedup (real tokens/s): **{report['speedup']:.2f}x**",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""``drift-engine train`` end to end on a tiny model, and its one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_train import make_model_dir, make_rollouts
+
+from drift_engine.cli import cli
+from drift_engine.data.rollouts import META_TOKENIZER_VOCAB_HASH, save_rollouts
+
+REQUIRED_METRICS = {
+    "step", "epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "trajectories",
+    "tokens_per_s",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    model = make_model_dir(root / "model", "qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = root / "rollouts.safetensors"
+    save_rollouts(data, make_rollouts(tokenizer=tokenizer))
+    return {"root": root, "model": model, "data": data, "tokenizer": tokenizer}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["train", *args], catch_exceptions=False)
+
+
+def test_train_end_to_end(inputs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = tmp_path / "train.toml"
+    config.write_text(
+        "[data]\nbatch_tokens = 128\n[optim]\nlr = 1e-2\nweight_decay = 0.0\n"
+        "[schedule]\nwarmup_ratio = 0.0\n[checkpoint]\nkeep_last = 1\n"
+    )
+    out = tmp_path / "run"
+    common = ["--data", str(inputs["data"]), "--model", str(inputs["model"]), "--out", str(out)]
+    result = invoke(
+        *common, "--config", str(config), "--max-steps", "2", "--lr", "1e-3", "--save-every", "1",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output
+
+    # keep_last = 1: only the final checkpoint is left, and no temporary folder
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-000002", "metrics.jsonl", "run.json",
+    ]  # fmt: skip
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert all(REQUIRED_METRICS <= r.keys() for r in lines)
+    assert 0 < lines[0]["packing_efficiency"] <= 1
+    assert all(r["lr"] == 1e-3 for r in lines)  # the flag overrides the TOML file
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["optim"]["weight_decay"] == 0.0  # the TOML file was read
+    assert run["config"]["data"]["batch_tokens"] == 128
+
+    # The export loads with transformers and differs from the initial weights.
+    checkpoint = out / "checkpoint-000002"
+    trained = AutoModelForCausalLM.from_pretrained(checkpoint)
+    initial = AutoModelForCausalLM.from_pretrained(inputs["model"])
+    assert AutoTokenizer.from_pretrained(checkpoint).get_vocab() == inputs["tokenizer"].get_vocab()
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(trained.parameters(), initial.parameters(), strict=True)
+    ]
+    assert all(changed)
+
+    # Resuming a finished run trains nothing more and keeps the checkpoint.
+    resume = ["--config", str(config), "--max-steps", "2", "--resume", "--device", "cpu"]
+    result = invoke(*common, *resume)
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output
+    assert (out / "checkpoint-000002").is_dir()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "0"], "optim.lr must be > 0"),
+        (["--batch-tokens", "8"], "cannot fit the token budget 8"),
+        (["--resume"], "no checkpoint found"),
+        (["--config", "MISSING.toml"], "cannot read config file"),
+        (["--config", "BAD.toml"], "unknown key 'optim.learning_rate'"),
+        (["--data", "NOFILE"], "NOFILE"),
+        (["--data", "OTHER_TOKENIZER"], "tokenizer mismatch"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(inputs, tmp_path, extra, message):
+    def path_for(name: str) -> str:
+        if name == "BAD.toml":
+            (tmp_path / name).write_text("[optim]\nlearning_rate = 1e-5\n")
+        if name == "OTHER_TOKENIZER":
+            # the same tokens, recorded as sampled with a tokenizer of another vocabulary
+            other = make_rollouts(tokenizer=inputs["tokenizer"])
+            stored = other.metadata[META_TOKENIZER_VOCAB_HASH]
+            other.metadata[META_TOKENIZER_VOCAB_HASH] = stored[::-1]
+            save_rollouts(tmp_path / "other.safetensors", other)
+            return str(tmp_path / "other.safetensors")
+        return str(tmp_path / name)
+
+    placeholders = ("MISSING.toml", "BAD.toml", "NOFILE", "OTHER_TOKENIZER")
+    extra = [path_for(x) if x in placeholders else x for x in extra]
+    common = ["--data", str(inputs["data"]), "--model", str(inputs["model"])]
+    # a flag given twice takes its last value, so ``extra`` overrides ``common``
+    result = invoke(*common, "--out", str(tmp_path / "out"), *extra, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_missing_required_flags_exit_2(tmp_path):
+    result = invoke("--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "error: data.path is not set" in result.output
