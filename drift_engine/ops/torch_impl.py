@@ -1,0 +1,285 @@
+"""Chunked pure-PyTorch backend of the fused ops (``impl="torch"``).
+
+Implements the backend contract of docs/architecture.md (the same functions as
+``drift_engine.kernels``): the CPU path, the fallback, and the oracle of the Triton kernels.
+
+Rows are processed in chunks of ``chunk`` tokens, so at most a few ``(chunk, V)`` fp32
+buffers of logits exist at any time, never ``(N, V)``. Logits are produced by a GEMM in the
+inputs' dtype (as PyTorch's own dense path does) and everything after it (softcap,
+log-sum-exp, softmax, gradients of the logits) is fp32. The gradient of the weight is
+accumulated across chunks in fp32 and cast to the weight's dtype once at the end.
+Plain tensors in, plain tensors out: no autograd (callers run under ``torch.no_grad``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
+
+# Elements of one (chunk, V) fp32 buffer when chunk_size is not given: 64 Mi elements
+# (256 MiB) on accelerators, where larger GEMMs pay; 4 Mi elements (16 MiB) on CPU, where
+# cache locality matters more than GEMM size.
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+_CPU_CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(
+    num_tokens: int, vocab_size: int, chunk_size: int | None, device: torch.device
+) -> int:
+    """Rows of logits materialised at once."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, num_tokens))
+    budget = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, min(num_tokens, budget // vocab_size))
+
+
+def _logits_fp32(
+    hidden_chunk: torch.Tensor,  # (c, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+) -> torch.Tensor:
+    """(c, V) fp32 logits hidden_chunk @ weight.T + bias."""
+    logits = hidden_chunk @ weight.T  # (c, V), inputs' dtype
+    logits = logits.float()  # no copy for fp32 inputs
+    if bias is not None:
+        logits += bias.float()
+    return logits
+
+
+def _accumulate_grads(
+    grad_logits: torch.Tensor,  # (c, V) fp32
+    hidden_chunk: torch.Tensor,  # (c, H)
+    weight: torch.Tensor,  # (V, H)
+    grad_hidden_chunk: torch.Tensor,  # (c, H), inputs' dtype; written
+    grad_weight_acc: torch.Tensor,  # (V, H) fp32; accumulated
+    grad_bias_acc: torch.Tensor | None,  # (V,) fp32; accumulated
+) -> None:
+    """Back-propagate a chunk's gradient of the logits through the linear layer."""
+    if grad_bias_acc is not None:
+        grad_bias_acc += grad_logits.sum(dim=0)
+    if hidden_chunk.dtype == torch.float32:
+        torch.mm(grad_logits, weight, out=grad_hidden_chunk)
+        grad_weight_acc.addmm_(grad_logits.T, hidden_chunk)
+    else:
+        # fp16/bf16 GEMMs accumulate in fp32 internally; each chunk's (V, H) product is
+        # rounded once and then summed in fp32 across chunks.
+        grad_logits = grad_logits.to(hidden_chunk.dtype)
+        torch.mm(grad_logits, weight, out=grad_hidden_chunk)
+        grad_weight_acc += grad_logits.T @ hidden_chunk
+
+
+def _new_grad_buffers(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    grad_hidden = torch.empty_like(hidden)  # (N, H), rows written chunk by chunk
+    grad_weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_bias_acc = (
+        None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    )
+    return grad_hidden, grad_weight_acc, grad_bias_acc
+
+
+def _finish_grads(
+    grad_hidden: torch.Tensor,
+    grad_weight_acc: torch.Tensor,
+    grad_bias_acc: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    grad_weight = grad_weight_acc.to(weight.dtype)  # no copy for fp32
+    grad_bias = None if bias is None else grad_bias_acc.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def ce_forward(
+    hidden: torch.Tensor,  # (N, H) contiguous
+    weight: torch.Tensor,  # (V, H) contiguous
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64, ignore_index where ignored
+    opts: CrossEntropyOptions,
+    row_coef: torch.Tensor | None = None,  # (N,) fp32
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+]:
+    """Per-row loss and log-sum-exp; with ``row_coef``, also the gradients of
+    Σ_i row_coef[i]·loss[i] w.r.t. hidden, weight and bias, in the same pass.
+
+    Returns (loss (N,) fp32, lse (N,) fp32, grad_hidden, grad_weight, grad_bias); the grads
+    are None without ``row_coef`` (grad_bias also when bias is None). Ignored rows get
+    loss 0 and zero gradient whatever their coefficient.
+    """
+    num_tokens = hidden.shape[0]
+    vocab_size = weight.shape[0]
+    device = hidden.device
+    smoothing = opts.label_smoothing
+    z_loss = opts.z_loss
+    cap = opts.softcap
+
+    loss = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    with_grad = row_coef is not None
+    if with_grad:
+        grad_hidden, grad_weight_acc, grad_bias_acc = _new_grad_buffers(hidden, weight, bias)
+
+    chunk = chunk_rows(num_tokens, vocab_size, opts.chunk_size, device)
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        hidden_chunk = hidden[start:end]  # (c, H)
+        labels_chunk = labels[start:end]  # (c,)
+        valid = labels_chunk != opts.ignore_index  # (c,)
+        safe_labels = torch.where(valid, labels_chunk, 0).unsqueeze(1)  # (c, 1)
+
+        logits = _logits_fp32(hidden_chunk, weight, bias)  # (c, V) fp32
+        if cap is not None:
+            # tanh kept for the derivative d softcap / d x = 1 - tanh².
+            tanh = torch.tanh(logits.div_(cap))  # (c, V); logits now holds x / cap
+            logits = torch.mul(tanh, cap, out=logits)  # (c, V) capped logits s
+        lse_chunk = torch.logsumexp(logits, dim=1)  # (c,)
+        target_logit = logits.gather(1, safe_labels).squeeze(1)  # (c,)
+        row_loss = (1.0 - smoothing) * (lse_chunk - target_logit)
+        if smoothing > 0.0:
+            row_loss += smoothing * (lse_chunk - logits.mean(dim=1))
+        if z_loss > 0.0:
+            row_loss += z_loss * lse_chunk.square()
+        loss[start:end] = torch.where(valid, row_loss, 0.0)
+        lse[start:end] = lse_chunk
+
+        if not with_grad:
+            continue
+        coef = torch.where(valid, row_coef[start:end], 0.0)  # (c,)
+        # d loss / d s_j = p_j (1 + 2 z lse) - (1 - ε) δ_jy - ε / V, each row scaled by coef.
+        grad_logits = logits.sub_(lse_chunk.unsqueeze(1)).exp_()  # (c, V) softmax p, in place
+        grad_logits *= (coef * (1.0 + 2.0 * z_loss * lse_chunk)).unsqueeze(1)
+        grad_logits.scatter_add_(1, safe_labels, (-(1.0 - smoothing) * coef).unsqueeze(1))
+        if smoothing > 0.0:
+            grad_logits -= (smoothing / vocab_size) * coef.unsqueeze(1)
+        if cap is not None:
+            grad_logits *= 1.0 - tanh.square_()  # chain rule through s = cap·tanh(x / cap)
+        _accumulate_grads(
+            grad_logits,
+            hidden_chunk,
+            weight,
+            grad_hidden[start:end],
+            grad_weight_acc,
+            grad_bias_acc,
+        )
+
+    if not with_grad:
+        return loss, lse, None, None, None
+    return (loss, lse, *_finish_grads(grad_hidden, grad_weight_acc, grad_bias_acc, weight, bias))
+
+
+def logprobs_forward(
+    hidden: torch.Tensor,  # (N, H) contiguous
+    weight: torch.Tensor,  # (V, H) contiguous
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Returns (logprobs (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32).
+
+    Over s = (hidden @ weight.T + bias) / temperature: logprob = s[label] - lse (0 for ignored
+    rows), entropy = lse - Σ_j softmax(s)_j s_j = -Σ_j p_j log p_j (for every row),
+    lse = logsumexp(s).
+    """
+    num_tokens = hidden.shape[0]
+    device = hidden.device
+    inv_temperature = 1.0 / opts.temperature
+    logprobs = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    entropy = (
+        torch.empty(num_tokens, dtype=torch.float32, device=device) if opts.return_entropy else None
+    )
+
+    chunk = chunk_rows(num_tokens, weight.shape[0], opts.chunk_size, device)
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        labels_chunk = labels[start:end]  # (c,)
+        valid = labels_chunk != opts.ignore_index
+        safe_labels = torch.where(valid, labels_chunk, 0).unsqueeze(1)  # (c, 1)
+
+        scaled = _logits_fp32(hidden[start:end], weight, bias)  # (c, V) fp32
+        if opts.temperature != 1.0:
+            scaled *= inv_temperature
+        lse_chunk = torch.logsumexp(scaled, dim=1)  # (c,)
+        target = scaled.gather(1, safe_labels).squeeze(1)  # (c,)
+        logprobs[start:end] = torch.where(valid, target - lse_chunk, 0.0)
+        lse[start:end] = lse_chunk
+        if entropy is not None:
+            # -Σ p log p rather than lse - Σ p s, which cancels two large numbers when the
+            # logits are large; log_softmax normalises with (s - max) - log Σ exp(s - max),
+            # more precisely than s - lse with lse rounded to fp32.
+            log_probs = torch.log_softmax(scaled, dim=1)  # (c, V)
+            entropy[start:end] = -(torch.exp(log_probs) * log_probs).sum(dim=1)
+    return logprobs, entropy, lse
+
+
+def logprobs_backward(
+    hidden: torch.Tensor,  # (N, H) contiguous
+    weight: torch.Tensor,  # (V, H) contiguous
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64
+    lse: torch.Tensor,  # (N,) fp32 from logprobs_forward; part of the contract, unused here
+    grad_logprobs: torch.Tensor | None,  # (N,)
+    grad_entropy: torch.Tensor | None,  # (N,)
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of Σ_i (grad_logprobs[i]·logprob[i] + grad_entropy[i]·entropy[i]) w.r.t.
+    hidden, weight and bias, recomputing each chunk's logits.
+
+    With p = softmax(s) and s = x / T:
+        d logprob / d s_j = δ_jy - p_j,   d entropy / d s_j = -p_j (s_j - Σ_k p_k s_k),
+    and d s / d x = 1 / T.
+    """
+    num_tokens = hidden.shape[0]
+    device = hidden.device
+    inv_temperature = 1.0 / opts.temperature
+    grad_hidden, grad_weight_acc, grad_bias_acc = _new_grad_buffers(hidden, weight, bias)
+
+    chunk = chunk_rows(num_tokens, weight.shape[0], opts.chunk_size, device)
+    for start in range(0, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        hidden_chunk = hidden[start:end]  # (c, H)
+        scaled = _logits_fp32(hidden_chunk, weight, bias)  # (c, V) fp32
+        if opts.temperature != 1.0:
+            scaled *= inv_temperature
+        # Normalised afresh rather than as s - lse[start:end]: an fp32 lse carries an error of
+        # half an ulp of |lse| into every log-prob, which the (nearly cancelling) entropy
+        # gradient amplifies. The saved lse is what the Triton backend, which never holds a
+        # whole row, needs; here the rows are at hand.
+        log_probs = torch.log_softmax(scaled, dim=1)  # (c, V)
+        del scaled
+        probs = torch.exp(log_probs)  # (c, V)
+
+        grad_logits = None  # (c, V) fp32, built in the buffers of log_probs / probs
+        if grad_entropy is not None:
+            # s_j - Σ_k p_k s_k computed as log p_j - Σ_k p_k log p_k (no cancellation of
+            # large logits).
+            mean_log_prob = (probs * log_probs).sum(dim=1, keepdim=True)  # (c, 1)
+            grad_logits = log_probs.sub_(mean_log_prob).mul_(probs)
+            grad_logits *= -grad_entropy[start:end].float().unsqueeze(1)
+        if grad_logprobs is not None:
+            labels_chunk = labels[start:end]
+            valid = labels_chunk != opts.ignore_index
+            safe_labels = torch.where(valid, labels_chunk, 0).unsqueeze(1)  # (c, 1)
+            grad_lp = torch.where(valid, grad_logprobs[start:end].float(), 0.0)  # (c,)
+            logprob_term = probs.mul_(-grad_lp.unsqueeze(1))  # -g p_j
+            if grad_logits is None:
+                grad_logits = logprob_term
+            else:
+                grad_logits += logprob_term
+            grad_logits.scatter_add_(1, safe_labels, grad_lp.unsqueeze(1))  # + g δ_jy
+        if grad_logits is None:
+            grad_logits = probs.zero_()
+        if opts.temperature != 1.0:
+            grad_logits *= inv_temperature
+        _accumulate_grads(
+            grad_logits,
+            hidden_chunk,
+            weight,
+            grad_hidden[start:end],
+            grad_weight_acc,
+            grad_bias_acc,
+        )
+    return _finish_grads(grad_hidden, grad_weight_acc, grad_bias_acc, weight, bias)
