@@ -36,15 +36,23 @@ TRITON = pytest.param(
 )
 
 
-def make_inputs(num_tokens, hidden_size, vocab_size, dtype, *, bias=False, seed=0):
+# Triton runs on the GPU when there is one, else in the interpreter on CPU (tests/conftest.py);
+# bf16 only on the GPU (the interpreter's bf16 dot is wrong). The torch backend runs on CPU.
+IMPL_DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+TRITON_DTYPES = [torch.float32, torch.float16] + (
+    [torch.bfloat16] if torch.cuda.is_available() else []
+)
+
+
+def make_inputs(num_tokens, hidden_size, vocab_size, dtype, *, bias=False, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_tokens, hidden_size, generator=gen) / hidden_size**0.25
     weight = 2 * torch.randn(vocab_size, hidden_size, generator=gen) / hidden_size**0.25
     bias_t = torch.randn(vocab_size, generator=gen) if bias else None
     labels = torch.randint(0, vocab_size, (num_tokens,), generator=gen)
     labels[torch.rand(num_tokens, generator=gen) < 0.2] = IGNORE
-    cast = lambda t: None if t is None else t.to(dtype)
-    return cast(hidden), cast(weight), cast(bias_t), labels
+    cast = lambda t: None if t is None else t.to(device, dtype)
+    return cast(hidden), cast(weight), cast(bias_t), labels.to(device)
 
 
 def assert_within_pytorch_error(actual, truth, baseline, what):
@@ -63,7 +71,7 @@ def leaves(*tensors):
 
 def run_and_compare(impl, dtype, shape, *, temperature, bias, upstream, chunk_size=16):
     """upstream: which outputs receive a (random, sign-changing) gradient."""
-    hidden, weight, bias_t, labels = make_inputs(*shape, dtype, bias=bias)
+    hidden, weight, bias_t, labels = make_inputs(*shape, dtype, bias=bias, device=IMPL_DEVICE[impl])
     gen = torch.Generator().manual_seed(7)
     grad_logprobs = torch.randn(shape[0], generator=gen, dtype=torch.float64)
     grad_entropy = torch.randn(shape[0], generator=gen, dtype=torch.float64)
@@ -73,9 +81,15 @@ def run_and_compare(impl, dtype, shape, *, temperature, bias, upstream, chunk_si
         out = fn(h, w, labels, bias=b, temperature=temperature, **extra)
         objective = 0
         if "logprobs" in upstream:
-            objective = objective + (out.logprobs * grad_logprobs.to(out.logprobs.dtype)).sum()
+            objective = (
+                objective
+                + (out.logprobs * grad_logprobs.to(out.logprobs.device, out.logprobs.dtype)).sum()
+            )
         if "entropy" in upstream:
-            objective = objective + (out.entropy * grad_entropy.to(out.entropy.dtype)).sum()
+            objective = (
+                objective
+                + (out.entropy * grad_entropy.to(out.entropy.device, out.entropy.dtype)).sum()
+            )
         inputs = [t for t in (h, w, b) if t is not None]
         return out, torch.autograd.grad(objective, inputs)
 
@@ -116,7 +130,7 @@ def test_torch_backend_matches_reference(upstream, temperature, shape, dtype):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("upstream", ["both", "logprobs"])
 @pytest.mark.parametrize("impl", [TRITON])
 def test_triton_backend_matches_reference(impl, upstream, dtype):
@@ -127,7 +141,7 @@ def test_triton_backend_matches_reference(impl, upstream, dtype):
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
 def test_entropy_only_when_asked(impl):
-    hidden, weight, _, labels = make_inputs(10, 16, 37, torch.float32)
+    hidden, weight, _, labels = make_inputs(10, 16, 37, torch.float32, device=IMPL_DEVICE[impl])
     out = fused_linear_logprobs(hidden, weight, labels, impl=impl)
     assert isinstance(out, LogProbs) and out.entropy is None
     with_entropy = fused_linear_logprobs(hidden, weight, labels, impl=impl, return_entropy=True)

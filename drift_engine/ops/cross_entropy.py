@@ -40,6 +40,29 @@ def _masked_token_weights(
     return torch.where(valid, token_weights.float(), 0.0)
 
 
+def _row_coefficients(
+    labels: torch.Tensor,  # (N,) int64
+    token_weights: torch.Tensor | None,  # (N,)
+    opts: CrossEntropyOptions,
+) -> torch.Tensor:
+    """(N,) fp32 coefficient of each row's loss in the scalar loss: w ("sum") or w / Σw
+    ("mean"), 0 on ignored rows."""
+    weights = _masked_token_weights(labels, token_weights, opts.ignore_index)
+    if opts.reduction != "mean":
+        return weights
+    total = weights.sum()
+    # An all-ignored batch has Σw = 0 and every coefficient 0: the loss and the gradients
+    # are 0 rather than 0/0 (and no host sync is needed to tell).
+    return weights / torch.where(total > 0, total, 1.0)
+
+
+def _scalar_loss_value(hidden, weight, bias, labels, token_weights, opts, ce_forward):
+    """The "mean"/"sum" loss when no gradient is wanted: one pass, no gradient GEMMs."""
+    row_coef = _row_coefficients(labels, token_weights, opts)  # (N,) fp32
+    loss = ce_forward(hidden, weight, bias, labels, opts, None)[0]  # (N,) fp32
+    return (row_coef * loss).sum()
+
+
 class WeightedLinearCrossEntropy(torch.autograd.Function):
     """Scalar loss Σ_i c_i·loss_i with c = w ("sum") or w / Σw ("mean"); grads in forward.
 
@@ -59,19 +82,11 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
         opts: CrossEntropyOptions,
         ce_forward: CeForward,
     ) -> torch.Tensor:
-        weights = _masked_token_weights(labels, token_weights, opts.ignore_index)  # (N,) fp32
-        if opts.reduction == "mean":
-            total = weights.sum()
-            # An all-ignored batch has Σw = 0 and every coefficient 0: the loss and the
-            # gradients are 0 rather than 0/0 (and no host sync is needed to tell).
-            row_coef = weights / torch.where(total > 0, total, 1.0)
-        else:
-            row_coef = weights
-        needs_grad = any(ctx.needs_input_grad[:3])
+        row_coef = _row_coefficients(labels, token_weights, opts)  # (N,) fp32
         loss, _, grad_hidden, grad_weight, grad_bias = ce_forward(
-            hidden, weight, bias, labels, opts, row_coef if needs_grad else None
+            hidden, weight, bias, labels, opts, row_coef
         )
-        ctx.grads = (grad_hidden, grad_weight, grad_bias) if needs_grad else None
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.consumed = False
         return (row_coef * loss).sum()  # () fp32
 
@@ -203,14 +218,22 @@ def fused_linear_cross_entropy(
     if check_labels:
         validation.check_label_values(labels, weight.shape[0], ignore_index, token_weights)
 
-    ce_forward = _ce_backend(backend)
-    function = PerTokenLinearCrossEntropy if reduction == "none" else WeightedLinearCrossEntropy
-    return function.apply(
+    args = (
         hidden.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
         labels.contiguous(),
         None if token_weights is None else token_weights.detach(),
         opts,
-        ce_forward,
+        _ce_backend(backend),
     )
+    if reduction == "none":
+        return PerTokenLinearCrossEntropy.apply(*args)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not wants_grad:
+        # Evaluation: skip the gradient GEMMs that the Function would run in forward.
+        with torch.no_grad():
+            return _scalar_loss_value(*args)
+    return WeightedLinearCrossEntropy.apply(*args)
