@@ -86,7 +86,13 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
         loss, _, grad_hidden, grad_weight, grad_bias = ce_forward(
             hidden, weight, bias, labels, opts, row_coef
         )
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        # Held until backward: drop those no input asks for (e.g. a frozen LM head's).
+        ctx.grads = tuple(
+            grad if needed else None
+            for grad, needed in zip(
+                (grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad[:3], strict=True
+            )
+        )
         ctx.consumed = False
         return (row_coef * loss).sum()  # () fp32
 
@@ -102,7 +108,7 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         results = [None, None, None]
         for index, grad in enumerate(grads):
-            if grad is not None and ctx.needs_input_grad[index]:
+            if grad is not None:
                 # In place: these buffers belong to this call alone. The fp32 scale is applied
                 # in fp32 and rounded once to the gradient's dtype.
                 results[index] = grad.mul_(grad_output)
