@@ -193,7 +193,7 @@ def _dcp_save(model, optimizer, path: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=True)
 
 
 def _dcp_load(model, optimizer, path: Path) -> None:
@@ -202,7 +202,7 @@ def _dcp_load(model, optimizer, path: Path) -> None:
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     bundle = {"model": model_sd, "optim": optim_sd}
-    dcp.load(bundle, checkpoint_id=str(path))
+    dcp.load(bundle, checkpoint_id=str(path), no_dist=True)
     set_state_dict(
         model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"]
     )
@@ -281,3 +281,102 @@ def test_resume_two_rank_fsdp_checkpoint_in_one_process(two_rank_run):
     _assert_params_close(
         full_model_state_dict(model, common.SINGLE), uninterrupted["params"], "resumed on 1"
     )
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _trainer_workspace(root: Path) -> tuple[Path, Path]:
+    """A tiny random Qwen2 model folder (untied head) and a rollouts file for it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from drift_engine.data.rollouts import RolloutSet, save_rollouts
+
+    config = Qwen2Config(
+        vocab_size=common.VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(root / "model")
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, turns, groups, rewards = [], [], [], []
+    for i in range(24):  # 8 prompt groups of 3 trajectories, 1 to 3 turns each
+        n_turns = int(torch.randint(1, 4, (), generator=gen))
+        toks, tids = [], []
+        for k in range(1, n_turns + 1):
+            context, answer = (
+                int(torch.randint(a, b, (), generator=gen)) for a, b in ((3, 12), (2, 9))
+            )
+            toks += torch.randint(0, common.VOCAB, (context + answer,), generator=gen).tolist()
+            tids += [0] * context + [k] * answer
+        tokens.append(toks)
+        turns.append(tids)
+        groups.append(i // 3)
+        rewards.append([0.0] * (n_turns - 1) + [float(torch.rand((), generator=gen) < 0.5)])
+    data = root / "rollouts.safetensors"
+    save_rollouts(data, RolloutSet.from_trajectories(tokens, turns, groups, rewards))
+    return root / "model", data
+
+
+def _train_args(model: Path, data: Path, out: Path, grad_accum: int) -> list[str]:
+    return [
+        "train", "--data", str(data), "--model", str(model), "--out", str(out),
+        "--device", "cpu", "--dtype", "float32", "--batch-tokens", "64",
+        "--grad-accum", str(grad_accum), "--max-steps", "3", "--lr", "3e-3",
+        "--seed", "0",
+    ]  # fmt: skip
+
+
+def _run_metrics(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _exported(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (checkpoint,) = sorted(out.glob("checkpoint-*"))
+    return load_file(checkpoint / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path):
+    """`torchrun -m drift_engine train` on 2 ranks (FSDP2, one micro-batch per rank and
+    step, gradient checkpointing inside the sharded layers) equals one process accumulating
+    the same two micro-batches per step without checkpointing."""
+    from drift_engine.cli import main
+
+    model, data = _trainer_workspace(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                *_train_args(model, data, tmp_path / "one", grad_accum=2),
+                "--no-gradient-checkpointing",
+            ]
+        )
+    assert done.value.code in (0, None)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "drift_engine", *_train_args(model, data, tmp_path / "two", grad_accum=1),
+           "--strategy", "fsdp", "--gradient-checkpointing"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+    one, two = _run_metrics(tmp_path / "one"), _run_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("tokens", "trained_tokens", "trajectories"):
+        assert [r[key] for r in two] == [r[key] for r in one], key
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(
+            [r[key] for r in two], [r[key] for r in one], rtol=LOSS_RTOL, atol=0, msg=key
+        )
+    _assert_params_close(_exported(tmp_path / "two"), _exported(tmp_path / "one"), "trainer")
