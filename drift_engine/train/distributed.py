@@ -212,7 +212,8 @@ def prepare_model(
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
+    # Innermost first: a block nested in another must be its own unit before its parent is.
+    for layer in reversed(decoder_layers(model)):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters are kept gathered from its forward to its backward by FSDP2.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
