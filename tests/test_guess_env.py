@@ -46,7 +46,11 @@ def test_wrong_guesses_get_higher_or_lower():
     problem = {"secret": 20}
     low = env.step(problem, "<answer>7</answer>", turn=1)
     assert (low.reward, low.done, low.correct, low.feedback, low.answer) == (
-        0.0, False, False, HIGHER, "7"
+        0.0,
+        False,
+        False,
+        HIGHER,
+        "7",
     )
     high = env.step(problem, "<answer>25</answer>", turn=2)
     assert (high.feedback, high.done, high.answer) == (LOWER, False, "25")
