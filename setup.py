@@ -1,14 +1,17 @@
 """Packaging: the Triton kernels in kernels/ install as the subpackage drift_engine.kernels.
 
-csrc/ holds optional native code. It is built only when DRIFT_ENGINE_BUILD_NATIVE=1 and a
-CUDA toolchain is present; the package is complete without it (every op has a Triton and a
-pure-PyTorch path).
+drift_engine/kernels is a relative symlink to ../kernels, so the source tree imports the
+same way as an installed package (PYTHONPATH=., legacy or modern editable installs).
+
+There is no native extension: every op has a Triton and a pure-PyTorch path, and a C++/CUDA
+piece is only worth adding where it wins a benchmark against them.
 """
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["drift_engine", "drift_engine.*"])
-packages.append("drift_engine.kernels")
+packages = sorted(
+    set(find_packages(include=["drift_engine", "drift_engine.*"])) | {"drift_engine.kernels"}
+)
 
 setup(
     packages=packages,
