@@ -312,6 +312,43 @@ def _run_logprobs_case(
         _check_close(name, a, t, s, dtype)
 
 
+def test_logprobs_large_logits_over_several_blocks(device, monkeypatch):
+    """Entropy and its gradient keep PyTorch's precision when the logits are large (an fp32
+    lse far from 0 and Σ p·s of the logits' size) and a row spans several V blocks (the
+    forward's online rescaling of the entropy sums, the max growing from block to block)."""
+    monkeypatch.setattr(_chunking, "MAX_BLOCK_V", 16)
+    n, h, v = 9, 16, 101
+    hidden, weight, _, labels, _ = _make_inputs(n, h, v, torch.float32, device)
+    b = 40.0 + torch.linspace(0.0, 3.0, v, device=device)  # (V,) large, rising along the row
+    opts = LogProbOptions(temperature=0.8, return_entropy=True)
+    gen = torch.Generator().manual_seed(2)
+    grad_lp = torch.randn(n, generator=gen).to(device)
+    grad_ent = torch.randn(n, generator=gen).to(device)
+
+    logprobs, ent, lse = logprobs_forward(hidden, weight, b, labels, opts)
+    grads = logprobs_backward(hidden, weight, b, labels, lse, grad_lp, grad_ent, opts)
+
+    truth = _logprobs_dense(
+        hidden.double(),
+        weight.double(),
+        b.double(),
+        labels,
+        grad_lp.double(),
+        grad_ent.double(),
+        opts,
+        torch.float64,
+    )
+    same = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, opts, torch.float32)
+    for name, actual, t, s in zip(
+        ["logprobs", "entropy", "lse", "grad_hidden", "grad_weight", "grad_bias"],
+        [logprobs, ent, lse, *grads],
+        truth,
+        same,
+        strict=True,
+    ):
+        _check_close(name, actual, t, s, torch.float32)
+
+
 def test_logprobs_backward_without_upstream_is_zero(device):
     hidden, weight, b, labels, _ = _make_inputs(5, 8, 13, torch.float32, device, bias=True)
     opts = LogProbOptions()
