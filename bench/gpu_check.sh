@@ -35,7 +35,9 @@ step() {
 }
 
 # ---------------------------------------------------------------- 1. setup
-step install 45 "$OUT/setup.log" python -m pip install --no-deps --no-build-isolation -e .
+step install 60 "$OUT/setup.log" python -m pip install --no-deps --no-build-isolation -e .
+# The source tree imports as the package too (drift_engine/kernels links to kernels/).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 shopt -s nullglob
 wheels=(.whl/liger_kernel*.whl .whl/cut_cross_entropy*.whl)
 shopt -u nullglob
@@ -59,10 +61,10 @@ PY
 
 # ---------------------------------------------------------------- 2. tests
 # Every GPU-marked test, then the kernel and op tests (they run on CUDA when it is present).
-step pytest-gpu 100 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests
+step pytest-gpu 90 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests
 op_tests=(tests/test_kernels.py)
 for f in tests/test_ops*.py; do [ -e "$f" ] && op_tests+=("$f"); done
-step pytest-kernels 60 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests[@]}"
+step pytest-kernels 90 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests[@]}"
 
 # ---------------------------------------------------------------- 3. loss benchmark
 {
@@ -74,7 +76,7 @@ step pytest-kernels 60 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests
     echo
 } >"$SUMMARY"
 for preset in llama3-8b qwen2.5-3b; do
-    step "loss-$preset" 120 "$OUT/loss-$preset.md" \
+    step "loss-$preset" 150 "$OUT/loss-$preset.md" \
         python bench/loss_kernel.py --preset "$preset" --op all --json "$OUT/loss-$preset.json"
     cat "$OUT/loss-$preset.md" >>"$SUMMARY"
     echo >>"$SUMMARY"
@@ -82,14 +84,11 @@ done
 
 # ---------------------------------------------------------------- 4. training throughput
 # ==== training-throughput benchmark (bench/train_throughput.py, maintained separately) ====
-# Invoked here when the file exists, with its own defaults (plus --json when it takes one).
+# The GPU preset (Qwen2-0.5B config, random init) on 256 trajectories, both trainers.
 if [ -f bench/train_throughput.py ]; then
-    train_args=()
-    if python bench/train_throughput.py --help 2>/dev/null | grep -q -- '--json'; then
-        train_args=(--json "$OUT/train-throughput.json")
-    fi
-    step train-throughput 60 "$OUT/train-throughput.log" \
-        python bench/train_throughput.py "${train_args[@]}"
+    step train-throughput 150 "$OUT/train-throughput.log" \
+        python bench/train_throughput.py --preset gpu --trajectories 256 \
+        --json "$OUT/train-throughput.json"
     { echo "## training throughput"; echo '```'; tail -n 30 "$OUT/train-throughput.log"; echo '```'; } >>"$SUMMARY"
 else
     log "bench/train_throughput.py not present: training throughput skipped"
