@@ -25,6 +25,8 @@ Rows labelled ignore_index have loss 0 and zero gradient.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -336,15 +338,20 @@ def _ce_vocab_slabs(
         elt + (4 if low_precision else 0)
     )
     if opts.chunk_size:
+        pass1_rows = opts.chunk_size
         slab_cols = columns_per_slab(
             vocab_size, max(1, num_rows) * elt, opts.chunk_size * vocab_size * elt
         )
     else:
-        rows_per_chunk(num_rows, vocab_size * elt, max(grad_state_bytes, VOCAB_SLAB_BUDGET_BYTES))
+        pass1_rows = rows_per_chunk(
+            num_rows, vocab_size * elt, max(grad_state_bytes, VOCAB_SLAB_BUDGET_BYTES)
+        )
         slab_cols = columns_per_slab(vocab_size, max(1, num_rows) * elt, VOCAB_SLAB_BUDGET_BYTES)
 
-    # Pass 1: loss and lse (the normaliser every slab's softmax needs).
-    _ce_token_chunks(hidden, weight, bias, labels, opts, None, loss, lse)
+    # Pass 1: loss and lse (the normaliser every slab's softmax needs), in row chunks no
+    # larger than the gradient state pass 2 allocates, so pass 1 never sets the peak.
+    pass1_opts = dataclasses.replace(opts, chunk_size=pass1_rows)
+    _ce_token_chunks(hidden, weight, bias, labels, pass1_opts, None, loss, lse)
 
     # Pass 2: one vocabulary slab of all rows at a time.
     grad_weight = torch.empty_like(weight)  # (V, H), each slab written once
