@@ -1,9 +1,10 @@
 """``drift-engine rollout``: sample multi-turn trajectories into rollouts.safetensors.
 
-Sharded runs (``torchrun --nproc-per-node N -m drift_engine rollout ...`` or explicit
-``--shard-rank/--shard-world``) give each process a contiguous block of the prompts and
-write ``<out stem>.rank<r>-of-<w>.safetensors``; ``load_rollouts([...], group_ids="keep")``
-merges them (group ids are global prompt indices).
+Sharded runs give each process a contiguous block of the prompts; each writes
+``<out stem>.rank<r>-of-<w>.safetensors``. Under ``torchrun --nproc-per-node N -m
+drift_engine rollout ...`` rank 0 then merges the shards into ``--out``; processes started
+with explicit ``--shard-rank/--shard-world`` leave their shards for
+``drift-engine rollout --merge SHARD... --out FILE`` (see ``drift_engine.rollout.shards``).
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ def read_chat_template(path: str | None) -> str | None:
         raise ConfigError(f"cannot read the chat template file {path!r}: {err}") from None
 
 
-def shard_output_path(out: Path, rank: int, world: int) -> Path:
-    if world == 1:
-        return out
-    return out.with_name(f"{out.stem}.rank{rank:05d}-of-{world:05d}{out.suffix}")
-
-
-def env_and_problem_options(f):
+def problem_options(*, env_required: bool):
     """Options shared by ``rollout`` and ``eval``."""
+
+    def decorate(f):
+        return _problem_options(f, env_required)
+
+    return decorate
+
+
+def _problem_options(f, env_required: bool):
     f = click.option(
         "--field",
         "fields",
@@ -65,7 +68,7 @@ def env_and_problem_options(f):
     f = click.option(
         "--env",
         "env_spec",
-        required=True,
+        required=env_required,
         help="Built-in (math, choice, guess) or package.module:Class.",
     )(f)
     f = click.option("--limit", type=int, help="Use only the first N problems.")(f)
@@ -100,17 +103,32 @@ def env_and_problem_options(f):
     return f
 
 
+env_and_problem_options = problem_options(env_required=True)
+
+
 @click.command("rollout")
+@click.argument("shards", nargs=-1, type=click.Path())
 @click.option(
-    "--model", required=True, help="Reference policy: a local folder or a Hugging Face id."
+    "--merge",
+    is_flag=True,
+    help="Merge the SHARDS of a sharded run into --out instead of sampling.",
 )
+@click.option("--model", help="Reference policy: a local folder or a Hugging Face id.")
 @click.option(
     "--problems",
-    required=True,
     help="JSONL problem file (one JSON object per line) or hf:NAME for a Hugging Face dataset.",
 )
 @click.option("--out", required=True, type=click.Path(), help="Output rollouts.safetensors.")
-@click.option("--n", type=int, default=16, show_default=True, help="Trajectories per prompt.")
+@click.option(
+    "-n",
+    "--n",
+    "n",
+    type=int,
+    default=16,
+    show_default=True,
+    # torchrun's own parser takes "--n" for an abbreviation of its options: use -n there.
+    help="Trajectories per prompt (write -n N under torchrun).",
+)
 @click.option("--max-turns", type=int, default=5, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -129,16 +147,32 @@ def env_and_problem_options(f):
 )
 @click.option("--beta", type=float, help="With --gamma: weight temperature of the stored weights.")
 @click.option(
-    "--shard-rank", type=int, help="This process's shard (default: torchrun's RANK, else 0)."
+    "--shard-rank",
+    type=int,
+    help="With --shard-world: write only this shard, to merge later with --merge "
+    "(default: torchrun's RANK, and rank 0 merges).",
 )
 @click.option(
     "--shard-world", type=int, help="Number of shards (default: torchrun's WORLD_SIZE, else 1)."
 )
+@click.option(
+    "--keep-shards/--delete-shards",
+    default=None,
+    help="Keep or delete the shard files (and preview pieces) once merged "
+    "[default: delete after a torchrun run, keep with --merge].",
+)
+@click.option(
+    "--max-shard-mb",
+    type=float,
+    help="Write --out as a sharded set of files of at most this many MB (read as one set).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@env_and_problem_options
+@problem_options(env_required=False)
 def rollout(
-    model: str,
-    problems: str,
+    shards: tuple[str, ...],
+    merge: bool,
+    model: str | None,
+    problems: str | None,
     out: str,
     n: int,
     max_turns: int,
@@ -151,8 +185,10 @@ def rollout(
     beta: float | None,
     shard_rank: int | None,
     shard_world: int | None,
+    keep_shards: bool | None,
+    max_shard_mb: float | None,
     quiet: bool,
-    env_spec: str,
+    env_spec: str | None,
     env_options: tuple[str, ...],
     fields: tuple[str, ...],
     limit: int | None,
@@ -164,7 +200,34 @@ def rollout(
     batch_size: int,
     dtype: str,
 ) -> None:
-    """Sample N trajectories per problem, up to MAX_TURNS turns each, from a reference model."""
+    """Sample N trajectories per problem, up to MAX_TURNS turns each, from a reference model.
+
+    With --merge: merge the SHARDS written by a sharded run (e.g. one process per GPU
+    started with --shard-rank/--shard-world) into --out.
+    """
+    out_path = Path(out)
+    if out_path.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {out!r}.")
+    if max_shard_mb is not None and max_shard_mb <= 0:
+        raise ConfigError(f"--max-shard-mb must be positive, got {max_shard_mb}.")
+    max_shard_bytes = None if max_shard_mb is None else int(max_shard_mb * 1024 * 1024)
+    if merge:
+        _merge_only(shards, out_path, keep_shards is not False, max_shard_bytes)
+        return
+    if shards:
+        raise ConfigError(
+            f"unexpected arguments {list(shards)}: shard files are given with --merge only."
+        )
+    missing = [
+        name
+        for name, value in (("--model", model), ("--problems", problems), ("--env", env_spec))
+        if value is None
+    ]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (needed unless --merge is given).")
+    if (gamma is None) != (beta is None):
+        raise ConfigError("give --gamma and --beta together (or neither, to weight later).")
+
     from drift_engine.data.rollouts import META_REFERENCE_MODEL, save_rollouts
     from drift_engine.envs import load_environment, load_problems, parse_field_mapping
     from drift_engine.rollout import (
@@ -172,23 +235,24 @@ def rollout(
         SamplingParams,
         collect_trajectories,
         create_engine,
-        format_turn_stats,
         load_tokenizer,
-        shard_from_env,
         to_rollout_set,
-        turn_stats,
         write_preview,
     )
+    from drift_engine.rollout.shards import (
+        merge_rollout_shards,
+        merge_text_pieces,
+        pin_visible_gpus,
+        process_device,
+        shard_launch,
+        shard_path,
+        summary_lines,
+        wait_for_shards,
+    )
+    from drift_engine.rollout.vllm import vllm_available
 
-    if (gamma is None) != (beta is None):
-        raise ConfigError("give --gamma and --beta together (or neither, to weight later).")
-    out_path = Path(out)
-    if out_path.suffix != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors, got {out!r}.")
-    env_rank, env_world = shard_from_env()
-    rank = env_rank if shard_rank is None else shard_rank
-    world = env_world if shard_world is None else shard_world
-
+    launch = shard_launch(shard_rank, shard_world)
+    rank, world = launch.rank, launch.world
     env = load_environment(env_spec, **parse_env_options(env_options))
     problem_list = load_problems(
         problems, fields=parse_field_mapping(fields), env=env, limit=limit, split=split
@@ -199,11 +263,21 @@ def rollout(
     tokenizer = load_tokenizer(model)
     chat_template = read_chat_template(chat_template_file)
     ChatFormatter(tokenizer, chat_template)  # fail on a missing template before loading weights
+
+    device = None
+    if launch.local_rank is not None:
+        # vLLM uses every GPU it can see, so each torchrun process gets its own before CUDA
+        # starts (the check for a GPU in "auto" would start it); HF takes cuda:LOCAL_RANK.
+        if engine_kind == "vllm" or (engine_kind == "auto" and vllm_available()):
+            pin_visible_gpus(launch.local_rank, tensor_parallel_size)
+        else:
+            device = process_device(launch.local_rank)
     engine = create_engine(
         engine_kind,
         model,
         tensor_parallel_size=tensor_parallel_size,
         dtype=dtype,
+        device=device,
         max_batch_size=batch_size,
         seed=seed,
         pad_token_id=tokenizer.pad_token_id
@@ -221,27 +295,85 @@ def rollout(
         seed=seed,
         shard_rank=rank,
         shard_world=world,
-        progress=not quiet,
+        # One progress bar per torchrun job (rank 0's), not one per rank.
+        progress=not quiet and (not launch.merge or rank == 0),
         chat_template=chat_template,
     )
     rollouts = to_rollout_set(run, {META_REFERENCE_MODEL: model})
     if gamma is not None:
         from drift_engine.weighting import WeightingConfig, attach_weights
 
+        # Group-normalised weights: every prompt group lies in one shard.
         rollouts = attach_weights(rollouts, WeightingConfig(gamma=gamma, beta=beta))
-    path = shard_output_path(out_path, rank, world)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = save_rollouts(path, rollouts)
-    if preview:
-        preview_path = Path(preview)
-        if world > 1:
-            preview_path = preview_path.with_name(
-                f"{preview_path.stem}.rank{rank:05d}-of-{world:05d}{preview_path.suffix}"
-            )
+    path = shard_path(out_path, rank, world)
+    written = save_rollouts(path, rollouts, max_shard_bytes=None if world > 1 else max_shard_bytes)
+    preview_path = None if preview is None else shard_path(Path(preview), rank, world)
+    if preview_path is not None:
         write_preview(run, preview_path)
-    click.echo(
-        f"{len(run.trajectories)} trajectories of {len(problem_list)} problems "
-        f"(shard {rank}/{world}), {rollouts.num_tokens} tokens -> {written[-1]}"
+
+    if not launch.merge:
+        click.echo(
+            f"{len(run.trajectories)} trajectories of {len(problem_list)} problems "
+            f"(shard {rank}/{world}), {rollouts.num_tokens} tokens -> {written[-1]}"
+        )
+        for line in summary_lines(rollouts):
+            click.echo(line)
+        if world > 1:
+            pattern = out_path.with_name(f"{out_path.stem}.rank*-of-{world:05d}{out_path.suffix}")
+            click.echo(f"merge all shards with: drift-engine rollout --merge {pattern} --out {out}")
+        return
+
+    wait_for_shards(launch)
+    if rank != 0:
+        return
+    merged, written = merge_rollout_shards(
+        [shard_path(out_path, r, world) for r in range(world)],
+        out_path,
+        delete_shards=not keep_shards,
+        max_shard_bytes=max_shard_bytes,
     )
-    click.echo(format_turn_stats(turn_stats(run.trajectories, max_turns)))
-    click.echo(run.report.summary())
+    if preview is not None:
+        pieces = [shard_path(Path(preview), r, world) for r in range(world)]
+        merge_text_pieces(pieces, preview, delete=not keep_shards)
+    click.echo(
+        f"{merged.num_trajectories} trajectories of {len(problem_list)} problems "
+        f"({world} ranks), {merged.num_tokens} tokens -> {written[-1]}"
+    )
+    for line in summary_lines(merged):
+        click.echo(line)
+
+
+def _merge_only(
+    shards: tuple[str, ...], out: Path, keep_shards: bool, max_shard_bytes: int | None
+) -> None:
+    from click.core import ParameterSource
+
+    from drift_engine.rollout.shards import merge_rollout_shards, problem_count, summary_lines
+
+    ctx = click.get_current_context()
+    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "quiet"}
+    extra = [
+        "--" + name.replace("_", "-")
+        for name in ctx.params
+        if name not in merge_options
+        and ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    ]
+    if extra:
+        raise ConfigError(
+            "--merge only takes shard files, --out, --keep-shards/--delete-shards and "
+            f"--max-shard-mb; got "
+            f"{', '.join(extra)}."
+        )
+    if not shards:
+        raise ConfigError("--merge needs the shard files to merge.")
+    merged, written = merge_rollout_shards(
+        shards, out, delete_shards=not keep_shards, max_shard_bytes=max_shard_bytes
+    )
+    problems = problem_count(merged)
+    of_problems = "" if problems is None else f" of {problems} problems"
+    click.echo(
+        f"{merged.num_trajectories} trajectories{of_problems} from {len(shards)} shard files, "
+        f"{merged.num_tokens} tokens -> {written[-1]}"
+    )
+    for line in summary_lines(merged):
+        click.echo(line)

@@ -21,6 +21,7 @@ from drift_engine.rollout.loop import (
     turn_stats,
     write_preview,
 )
+from drift_engine.rollout.shards import merge_rollout_sets, merge_rollout_shards, shard_path
 
 __all__ = [
     "ChatFormatter",
@@ -35,9 +36,12 @@ __all__ = [
     "create_engine",
     "format_turn_stats",
     "load_tokenizer",
+    "merge_rollout_sets",
+    "merge_rollout_shards",
     "request_seed",
     "run_rollouts",
     "shard_from_env",
+    "shard_path",
     "shard_range",
     "to_rollout_set",
     "turn_stats",

@@ -9,10 +9,14 @@ Randomness is per request: the seed of prompt i, sample j, turn t is derived fro
 (seed, i, j, t), with i the prompt's index in the whole problem list. So a run sharded over
 prompts (``shard_rank``/``shard_world``) produces exactly the trajectories of the
 single-process run, with the same global group ids, and its shards concatenate into it.
+The summaries stored in the metadata (per-turn counts, template mismatches) add up over
+shards, so a merged set reports what the single-process run would
+(``drift_engine.rollout.shards``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -35,8 +39,12 @@ from drift_engine.rollout.chat import ChatFormatter, first_mismatch
 from drift_engine.rollout.engine import Engine, SamplingParams, request_seed
 from drift_engine.weighting import format_penalty_term, repeat_penalty_term
 
-META_TEMPLATE_MISMATCHES = "template_mismatches"  # JSON: {"trajectories": int, "first": ...}
-META_SHARD = "shard"  # "rank/world"
+# JSON: {"trajectories": mismatched, "checked": int, "first": [prompt, sample, position] | null}
+META_TEMPLATE_MISMATCHES = "template_mismatches"
+# JSON: {"total": S, "answered": [per turn], "correct": [per turn], "solved": [per turn]}
+META_TURN_STATS = "turn_stats"
+META_PROBLEMS = "problems"  # JSON: {"count": int, "sha256": hash of the whole problem list}
+META_SHARD = "shard"  # "rank/world"; "0/1" for a whole set
 
 
 @dataclass
@@ -66,12 +74,46 @@ class Trajectory:
 
 @dataclass
 class TemplateReport:
-    """Trajectories whose stored ids differ from the template applied to their conversation."""
+    """Trajectories whose stored ids differ from the template applied to their conversation.
+
+    ``first_*`` describe the mismatched trajectory with the smallest (prompt, sample) index,
+    so reports of shards combine into the report of the whole run.
+    """
 
     checked: int = 0
     mismatched: int = 0
     first_trajectory: tuple[int, int] | None = None  # (prompt_index, sample_index)
     first_position: int | None = None
+
+    def to_json(self) -> str:
+        first = None
+        if self.first_trajectory is not None:
+            first = [*self.first_trajectory, self.first_position]
+        return json.dumps(
+            {"trajectories": self.mismatched, "checked": self.checked, "first": first}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TemplateReport:
+        data = json.loads(text)
+        first = data.get("first")
+        return cls(
+            checked=int(data["checked"]),
+            mismatched=int(data["trajectories"]),
+            first_trajectory=None if first is None else (int(first[0]), int(first[1])),
+            first_position=None if first is None else int(first[2]),
+        )
+
+    @classmethod
+    def combine(cls, reports: Sequence[TemplateReport]) -> TemplateReport:
+        firsts = [r for r in reports if r.first_trajectory is not None]
+        first = min(firsts, key=lambda r: r.first_trajectory, default=None)
+        return cls(
+            checked=sum(r.checked for r in reports),
+            mismatched=sum(r.mismatched for r in reports),
+            first_trajectory=None if first is None else first.first_trajectory,
+            first_position=None if first is None else first.first_position,
+        )
 
     def summary(self) -> str:
         if not self.mismatched:
@@ -251,9 +293,9 @@ def collect_trajectories(
         META_ENV: environment_spec(env),
         META_ENV_CONFIG: json.dumps(env.config(), sort_keys=True),
         META_SAMPLING: json.dumps(sampling_meta, sort_keys=True),
-        META_TEMPLATE_MISMATCHES: json.dumps(
-            {"trajectories": report.mismatched, "checked": report.checked}
-        ),
+        META_PROBLEMS: problems_fingerprint(problems),
+        META_TEMPLATE_MISMATCHES: report.to_json(),
+        META_TURN_STATS: turn_stats_to_json(turn_stats(trajectories, max_turns)),
         META_SHARD: f"{shard_rank}/{shard_world}",
     }
     return RolloutRun(trajectories, max_turns, report, metadata)
@@ -274,8 +316,9 @@ def _check_against_template(
     traj.template_mismatch = position
     if position is not None:
         report.mismatched += 1
-        if report.first_trajectory is None:
-            report.first_trajectory = (traj.prompt_index, traj.sample_index)
+        key = (traj.prompt_index, traj.sample_index)
+        if report.first_trajectory is None or key < report.first_trajectory:
+            report.first_trajectory = key
             report.first_position = position
 
 
@@ -350,6 +393,35 @@ def turn_stats(trajectories: Sequence[Trajectory], max_turns: int) -> list[TurnS
             )
         )
     return stats
+
+
+def turn_stats_to_json(stats: Sequence[TurnStats]) -> str:
+    """The counts behind ``stats`` (they add up over shards), for the rollout metadata."""
+    return json.dumps(
+        {
+            "total": stats[0].total if stats else 0,
+            "answered": [s.answered for s in stats],
+            "correct": [s.correct for s in stats],
+            "solved": [s.solved for s in stats],
+        }
+    )
+
+
+def turn_stats_from_json(text: str) -> list[TurnStats]:
+    data = json.loads(text)
+    return [
+        TurnStats(turn=k + 1, answered=a, correct=c, solved=s, total=data["total"])
+        for k, (a, c, s) in enumerate(
+            zip(data["answered"], data["correct"], data["solved"], strict=True)
+        )
+    ]
+
+
+def problems_fingerprint(problems: Sequence[Problem]) -> str:
+    """Count and hash of the whole problem list: shards of one run must agree on it."""
+    text = json.dumps(list(problems), sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return json.dumps({"count": len(problems), "sha256": digest})
 
 
 def format_turn_stats(stats: Sequence[TurnStats]) -> str:

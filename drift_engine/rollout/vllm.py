@@ -5,23 +5,60 @@ Prompts go in as ``TokensPrompt(prompt_token_ids=...)`` (no text round trip) wit
 sampled token's log-prob only, which vLLM computes from the raw model logits (before
 temperature and top-p), matching the HF engine.
 
-For data parallelism, run one engine per process/GPU on a shard of the prompts
-(``drift-engine rollout --shard-rank/--shard-world`` or torchrun's RANK/WORLD_SIZE).
+Tensor parallelism is vLLM's own (``tensor_parallel_size`` GPUs per engine). For data
+parallelism, run one engine per process on a shard of the prompts
+(``drift_engine.rollout.shards``): under torchrun each process is pinned to its own GPUs
+through ``CUDA_VISIBLE_DEVICES`` before CUDA starts, and the engine is built without
+torchrun's variables in the environment, so vLLM sets up its own one-engine world instead
+of joining the torchrun job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from drift_engine.errors import ConfigError
 from drift_engine.rollout.engine import Engine, Generation, SamplingParams, trim_at_stop
+
+# Set by torchrun for its workers. vLLM reads LOCAL_RANK, and torch.distributed's env://
+# setup the others, when vLLM starts the workers of its own (tensor-parallel) world.
+_TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+@contextmanager
+def without_torchrun_environment() -> Iterator[None]:
+    """Hide torchrun's variables while vLLM starts (its worker processes inherit the
+    environment of that moment); they are restored afterwards for the shard merge."""
+    saved = {
+        name: os.environ.pop(name)
+        for name in list(os.environ)
+        if name in _TORCHRUN_VARIABLES or name.startswith("TORCHELASTIC_")
+    }
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 class VLLMEngine(Engine):
@@ -50,17 +87,19 @@ class VLLMEngine(Engine):
         self._vllm = vllm
         self.model_name = model
         self.tensor_parallel_size = tensor_parallel_size
-        self.llm = vllm.LLM(
-            model=model,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            # Sampling follows our SamplingParams only, not the model's generation_config.json.
-            generation_config="vllm",
-            **llm_kwargs,
-        )
+        with without_torchrun_environment():
+            self.llm = vllm.LLM(
+                model=model,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                # Sampling follows our SamplingParams only, not the model's
+                # generation_config.json.
+                generation_config="vllm",
+                **llm_kwargs,
+            )
 
     def describe(self) -> dict[str, str]:
         return {
