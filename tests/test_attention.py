@@ -52,7 +52,13 @@ def packed_inputs(num_heads=4, num_kv_heads=2, head_dim=8, seed=0):
     return q, k, v, cu_seqlens_from_lengths(torch.tensor(LENGTHS)), max(LENGTHS)
 
 
-@pytest.mark.parametrize("per_sequence_loop", [False, True], ids=["block_mask", "loop"])
+# Block bounds of the sdpa fallback: one call per sequence, a mix, the whole pack in one block.
+BLOCK_TOKENS = pytest.mark.parametrize(
+    "block_tokens", [1, 8, 1024], ids=["per_sequence", "blocks_of_8", "one_block"]
+)
+
+
+@BLOCK_TOKENS
 @pytest.mark.parametrize(
     "causal, window, softcap",
     [
@@ -64,9 +70,8 @@ def packed_inputs(num_heads=4, num_kv_heads=2, head_dim=8, seed=0):
         (False, 2, None),
     ],
 )
-def test_sdpa_backend_matches_reference(monkeypatch, per_sequence_loop, causal, window, softcap):
-    if per_sequence_loop:
-        monkeypatch.setattr(varlen_module, "_DENSE_MASK_MAX_TOKENS", 0)
+def test_sdpa_backend_matches_reference(monkeypatch, block_tokens, causal, window, softcap):
+    monkeypatch.setattr(varlen_module, "_BLOCK_TOKENS", block_tokens)
     q, k, v, cu, max_len = packed_inputs()
     scale = 0.3
     out = varlen_attention(
@@ -87,10 +92,9 @@ def test_sdpa_backend_matches_reference(monkeypatch, per_sequence_loop, causal, 
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("per_sequence_loop", [False, True], ids=["block_mask", "loop"])
-def test_sdpa_backend_gradients(monkeypatch, per_sequence_loop):
-    if per_sequence_loop:
-        monkeypatch.setattr(varlen_module, "_DENSE_MASK_MAX_TOKENS", 0)
+@BLOCK_TOKENS
+def test_sdpa_backend_gradients(monkeypatch, block_tokens):
+    monkeypatch.setattr(varlen_module, "_BLOCK_TOKENS", block_tokens)
     q, k, v, cu, max_len = packed_inputs(seed=1)
     grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
     grads = []
@@ -102,6 +106,49 @@ def test_sdpa_backend_gradients(monkeypatch, per_sequence_loop):
         (fn(*leaves) * grad_out).sum().backward()
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# Blocks of at most 8 tokens: [3, 5] fills one exactly, the empty sequence is dropped, 9 is
+# longer than a block, [2, 2] stops short of the 6 that follows.
+BLOCKED_LENGTHS = [3, 5, 1, 0, 9, 2, 2, 6, 1]
+BLOCKS_OF_8 = [[3, 5], [1], [9], [2, 2], [6, 1]]
+
+
+@pytest.mark.parametrize(
+    "causal, window, softcap", [(True, None, None), (True, 4, 2.0), (False, 3, None)]
+)
+def test_sdpa_blocks_match_reference(monkeypatch, causal, window, softcap):
+    monkeypatch.setattr(varlen_module, "_BLOCK_TOKENS", 8)
+    cu = cu_seqlens_from_lengths(torch.tensor(BLOCKED_LENGTHS))
+    assert varlen_module._sequence_blocks(cu.tolist(), 8) == BLOCKS_OF_8
+    g = torch.Generator().manual_seed(6)
+    total = sum(BLOCKED_LENGTHS)
+    q, k, v = (torch.randn(total, h, 8, generator=g, dtype=torch.float64) for h in (6, 2, 2))
+    grad_out = torch.randn(total, 6, 8, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (
+        lambda a, b, c: varlen_attention(
+            a,
+            b,
+            c,
+            cu,
+            9,
+            scale=0.4,
+            causal=causal,
+            sliding_window=window,
+            softcap=softcap,
+            backend="sdpa",
+        ),
+        lambda a, b, c: reference_attention(
+            a, b, c, BLOCKED_LENGTHS, scale=0.4, causal=causal, window=window, softcap=softcap
+        ),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        (out * grad_out).sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 

@@ -15,9 +15,11 @@ Backends, picked per call by :func:`select_backend` (or forced with ``backend=``
     Its keywords differ between releases and are feature-detected (``window_size`` or
     ``is_causal``; ``scale``; ``enable_gqa``). No softcap, no dropout.
 ``"sdpa"``
-    The exact fallback on any device and dtype: one ``scaled_dot_product_attention`` call with
-    a block-diagonal mask for short packs, one call per sequence for long ones. Softcap is
-    computed explicitly (same arithmetic as the models' eager attention).
+    The exact fallback on any device and dtype: consecutive sequences are grouped into blocks
+    of at most ``_BLOCK_TOKENS`` tokens (a longer sequence is a block of its own), one
+    ``scaled_dot_product_attention`` call per block with a block-diagonal mask, so the cost is
+    O(sum of L_i^2), not O(T^2). Softcap is computed explicitly (same arithmetic as the
+    models' eager attention).
 
 Sliding windows follow transformers' convention: with window ``W`` a query at position ``i``
 sees keys ``j`` with ``i - W < j <= i`` (``W`` keys including itself), i.e. flash-attn's
@@ -38,9 +40,12 @@ from drift_engine.errors import ConfigError
 
 BACKENDS = ("auto", "flash_attn", "torch", "sdpa")
 
-# Packs up to this many tokens use one SDPA call with a (T, T) block-diagonal mask (16 MiB
-# of bool at the limit); longer packs loop over sequences, which skips the masked-out work.
-_DENSE_MASK_MAX_TOKENS = 4096
+# The fallback groups consecutive sequences into blocks of at most this many tokens and runs
+# one SDPA call per block. A call costs a fixed ~0.3 ms (forward + backward, CPU) on top of
+# its (n, n) scores, masked-out ones included: merging two short sequences saves a call for a
+# little masked work, merging long ones wastes more than it saves. 128 was at or near the
+# fastest bound measured on CPU for packs of 1k-4k tokens with median lengths of 32-256.
+_BLOCK_TOKENS = 128
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -279,57 +284,68 @@ def _allowed_positions(
     return allowed
 
 
-def _sdpa_varlen(query, key, value, cu_seqlens, scale, causal, sliding_window, softcap, dropout):
-    total = query.shape[0]
-    key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
-    cu_seqlens = cu_seqlens.to(query.device)
-    if total <= _DENSE_MASK_MAX_TOKENS:
-        positions = torch.arange(total, device=query.device, dtype=cu_seqlens.dtype)  # (T,)
-        sequence_of = torch.searchsorted(cu_seqlens[1:], positions, right=True)  # (T,)
-        allowed = _allowed_positions(positions, positions, causal, sliding_window)
-        same_sequence = sequence_of[:, None] == sequence_of[None, :]  # (T, T)
-        allowed = same_sequence if allowed is None else allowed & same_sequence
-        out = _masked_attention(
-            query.transpose(0, 1),
-            key.transpose(0, 1),
-            value.transpose(0, 1),
-            allowed,
-            None,
-            scale,
-            softcap,
-            dropout,
-        )  # (Hq, T, D)
-        return out.transpose(0, 1)
-
-    # Host copy of the boundaries: one sync, then one attention call per sequence.
-    bounds = cu_seqlens.tolist()
-    outputs = []
+def _sequence_blocks(bounds: list[int], block_tokens: int) -> list[list[int]]:
+    """Lengths of the sequences in each block: consecutive sequences, greedily, while the block
+    stays within ``block_tokens``; a longer sequence is a block on its own. Empty sequences
+    are dropped."""
+    blocks: list[list[int]] = []
+    block_len = block_tokens  # forces a new block for the first sequence
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
-            continue
         length = end - start
-        q = query[start:end].transpose(0, 1)  # (Hq, L, D)
-        k = key[start:end].transpose(0, 1)
-        v = value[start:end].transpose(0, 1)
-        needs_mask = softcap is not None or (sliding_window is not None and sliding_window < length)
-        if needs_mask:
-            local = torch.arange(length, device=query.device)
-            out = _masked_attention(
-                q,
-                k,
-                v,
-                _allowed_positions(local, local, causal, sliding_window),
-                None,
-                scale,
-                softcap,
-                dropout,
-            )
-        else:
-            out = _masked_attention(q, k, v, None, causal, scale, None, dropout)
-        outputs.append(out.transpose(0, 1))  # (L, Hq, D)
-    if not outputs:
+        if length == 0:
+            continue
+        if block_len + length > block_tokens:
+            blocks.append([])
+            block_len = 0
+        blocks[-1].append(length)
+        block_len += length
+    return blocks
+
+
+def _sdpa_varlen(query, key, value, cu_seqlens, scale, causal, sliding_window, softcap, dropout):
+    key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
+    # One host read of the boundaries (a sync on CUDA, where this fallback only runs when no
+    # varlen kernel applies).
+    blocks = _sequence_blocks(cu_seqlens.tolist(), _BLOCK_TOKENS)
+    if not blocks:
         return query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
-    return torch.cat(outputs, dim=0)
+    sizes = [sum(lengths) for lengths in blocks]
+    # (T, H, D) -> (H, T, D) -> per block (H, n, D). split, not slicing: its backward
+    # concatenates the block gradients once instead of adding a (T, H, D) zero-padded
+    # gradient per block.
+    query_blocks, key_blocks, value_blocks = (
+        t.transpose(0, 1).split(sizes, dim=1) for t in (query, key, value)
+    )
+    outputs = []
+    for lengths, q, k, v in zip(blocks, query_blocks, key_blocks, value_blocks, strict=True):
+        mask = _block_mask(lengths, causal, sliding_window, q.device)
+        outputs.append(
+            _masked_attention(
+                q, k, v, mask, causal if mask is None else None, scale, softcap, dropout
+            )
+        )  # (Hq, n, D)
+    return torch.cat(outputs, dim=1).transpose(0, 1)  # (T, Hq, D)
+
+
+def _block_mask(
+    lengths: list[int], causal: bool, sliding_window: int | None, device: torch.device
+) -> torch.Tensor | None:  # (n, n) bool, True = attend, n = sum(lengths); None = plain (causal)
+    """Which keys each query of a block may see: its own sequence, causal and windowed."""
+    total = sum(lengths)
+    window_matters = sliding_window is not None and sliding_window < max(lengths)
+    if len(lengths) == 1 and not window_matters:
+        return None  # SDPA's own is_causal (or no mask) covers it
+    positions = torch.arange(total, device=device)  # (n,)
+    allowed = _allowed_positions(positions, positions, causal, sliding_window)
+    if len(lengths) > 1:
+        sequence_of = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device),
+            torch.tensor(lengths, device=device),
+            output_size=total,
+        )  # (n,)
+        same_sequence = sequence_of[:, None] == sequence_of[None, :]  # (n, n)
+        allowed = same_sequence if allowed is None else allowed & same_sequence
+    return allowed
 
 
 def _masked_attention(
