@@ -2,9 +2,9 @@
 
 The policy is asked for a secret integer in ``[low, high]``. After a wrong guess the
 environment says ``"Higher."`` (the secret is larger) or ``"Lower."``; a correct guess ends
-the episode with reward 1. A policy that uses the feedback (bisection) finds any secret of
-1..32 within 5 guesses, one that ignores it (repeats itself, guesses at random) rarely does,
-so multi@k measures exactly what DRIFT trains for. The secret is never shown to the policy:
+the episode with reward 1. A policy that uses the feedback (bisection) finds 31 of the 32
+secrets of 1..32 within 5 guesses, one that ignores it (repeats itself, guesses at random)
+rarely finds any, so multi@k measures exactly what DRIFT trains for. The secret is never shown to the policy:
 a problem is ``{"secret": 11}``, optionally with its own ``"low"``/``"high"``.
 
 Answers are ``<answer>11</answer>`` (whitespace inside the tags is ignored; the last tagged
