@@ -377,7 +377,8 @@ class DemoConfig:
     # weighted SFT; the rejection-sampling baseline gets the same number of optimizer steps
     train_turns: str = "all"
     steps: int = 120
-    # Small packed micro-batches: on a CPU, packed attention costs grow with their length.
+    # Short packed micro-batches keep CPU steps cheap; 4 of them (about 32 trajectories)
+    # make one optimizer step.
     batch_tokens: int = 512
     grad_accum: int = 4
     lr: float = 1e-4

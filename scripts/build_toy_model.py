@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the embedded demo's reference policy: examples/guess-model (and the toy problems).
 
-The model is a tiny Llama (about 0.1M parameters) with a word-level tokenizer and a
+The model is a tiny Llama (about 0.09M parameters) with a word-level tokenizer and a
 ChatML-style chat template, pretrained from scratch on synthetic guess-a-number games
 (secret in 1..32, up to 5 guesses, "Higher."/"Lower." feedback) played by a mixture of
 scripted habits: bisect (optimal), step by one towards the feedback, repeat the previous
