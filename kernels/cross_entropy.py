@@ -30,6 +30,7 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+
 from drift_engine.kernels._chunking import (
     TOKEN_CHUNK_BUDGET_BYTES,
     VOCAB_SLAB_BUDGET_BYTES,
@@ -41,7 +42,6 @@ from drift_engine.kernels._chunking import (
     rows_per_chunk,
     sum_rows_fp32,
 )
-
 from drift_engine.ops.options import CrossEntropyOptions
 
 __all__ = ["ce_forward", "resolve_schedule"]

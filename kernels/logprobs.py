@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from drift_engine.kernels._chunking import (
     TOKEN_CHUNK_BUDGET_BYTES,
     chunk_bounds,
@@ -31,7 +32,6 @@ from drift_engine.kernels._chunking import (
     rows_per_chunk,
     sum_rows_fp32,
 )
-
 from drift_engine.ops.options import LogProbOptions
 
 __all__ = ["logprobs_forward", "logprobs_backward"]
