@@ -46,8 +46,9 @@ def convert(
     marked, rewards and penalties are kept. With --gamma and/or --beta (the other taking
     its default, 0.7 / 0.2) the returns and importance weights are stored as well.
     """
-    from drift_engine.data.convert import convert_reference_jsonl, load_tokenizer
+    from drift_engine.data.convert import convert_reference_jsonl
     from drift_engine.data.rollouts import save_rollouts
+    from drift_engine.rollout import load_tokenizer
     from drift_engine.weighting import WeightingConfig
 
     if max_shard_mb is not None and max_shard_mb <= 0:

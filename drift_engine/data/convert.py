@@ -59,20 +59,6 @@ class ConvertReport:
         )
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """``transformers.AutoTokenizer.from_pretrained`` (a local path works offline), with a
-    clear error when it fails."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        raise DriftError(
-            f"cannot load tokenizer {name_or_path!r}: {err}; pass a local directory holding "
-            "tokenizer files or a Hugging Face model id reachable from this machine"
-        ) from err
-
-
 def convert_reference_jsonl(
     path: str | os.PathLike,
     tokenizer: Any,

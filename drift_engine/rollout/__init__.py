@@ -96,13 +96,15 @@ def create_engine(
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a model folder or hub name, with a clear error when it is missing."""
+    """The tokenizer of a model folder or Hub id (a local path works offline), with a clear
+    error when it cannot be loaded."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(
-            f"cannot load a tokenizer from {path!r}: {err}. The model folder needs its "
-            "tokenizer files (tokenizer.json / tokenizer_config.json)."
+            f"cannot load tokenizer {path!r}: {err}; pass a local folder holding its tokenizer "
+            "files (tokenizer.json / tokenizer_config.json) or a Hugging Face id reachable "
+            "from this machine."
         ) from None
