@@ -396,6 +396,7 @@ def test_cli_rollout_writes_file_preview_and_summary(tmp_path):
         ({"--problems": "EMPTY"}, "empty"),
         ({"--problems": "MISSING_FIELD"}, "answer"),
         ({"--model": "NO_TEMPLATE"}, "no chat template"),
+        ({"--model": "TINY", "--dtype": "fp7"}, "unknown dtype 'fp7'"),
     ],
 )
 def test_cli_rollout_bad_input_exits_2(tmp_path, change, message):
@@ -410,6 +411,8 @@ def test_cli_rollout_bad_input_exits_2(tmp_path, change, message):
     options.update(change)
     if options["--model"] == "NO_TEMPLATE":
         options["--model"] = str(save_tiny_model(tmp_path / "plain", chat_template=None))
+    if options["--model"] == "TINY":
+        options["--model"] = str(save_tiny_model(tmp_path / "tiny"))
     replacements = {"EMPTY": "empty.jsonl", "MISSING_FIELD": "missing.jsonl"}
     if options["--problems"] in replacements:
         options["--problems"] = str(tmp_path / replacements[options["--problems"]])

@@ -87,11 +87,13 @@ class HFEngine(Engine):
         """Load ``path`` (local folder or hub name). On CPU "auto" dtype means fp32."""
         from transformers import AutoModelForCausalLM
 
+        from drift_engine.models.loading import parse_dtype
+
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto" and device.type == "cpu":
             dtype = torch.float32
-        elif isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
+        elif dtype != "auto":
+            dtype = parse_dtype(dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code
