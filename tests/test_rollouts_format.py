@@ -202,8 +202,12 @@ def test_load_errors(tmp_path):
     with pytest.raises(RolloutFormatError, match="input_ids must have dtype torch.int32"):
         load_rollouts(tmp_path / "t.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x05")
-    with pytest.raises(RolloutFormatError, match="too short"):
+    with pytest.raises(RolloutFormatError, match="too short") as err:
         load_rollouts(tmp_path / "bad.safetensors")
+    assert "corrupt" not in str(err.value)  # one message, not wrapped in another
+    (tmp_path / "long.safetensors").write_bytes((1 << 20).to_bytes(8, "little") + b"{}")
+    with pytest.raises(RolloutFormatError, match="corrupt safetensors header$"):
+        load_rollouts(tmp_path / "long.safetensors")
     with pytest.raises(RolloutFormatError, match=".safetensors"):
         save_rollouts(tmp_path / "x.bin", rs)
 

@@ -773,6 +773,8 @@ def _map_safetensors(path: Path) -> tuple[dict[str, Any], int, Any]:
                 buffer: Any = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
             else:
                 buffer = None
+    except RolloutFormatError:
+        raise  # already names the file and the problem (and is a ValueError)
     except OSError as err:
         raise RolloutFormatError(f"cannot read rollout file {str(path)!r}: {err}") from err
     except ValueError as err:
