@@ -206,6 +206,7 @@ def test_toml_errors_name_the_key(tmp_path, toml, message):
         ({"checkpoint.keep_last": 0}, "checkpoint.keep_last must be >= 1"),
         ({"optim.lr": "fast"}, "optim.lr must be a number"),
         ({"optim.momentum": 0.9}, "unknown configuration key 'optim.momentum'"),
+        ({"device": "gpu0"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
     ],
 )
 def test_invalid_values(overrides, message):

@@ -175,6 +175,15 @@ class TrainConfig:
             _positive(self.data.max_steps, "data.max_steps")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(
+                    f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+                ) from None
         w = self.weighting
         if w.beta is not None and w.beta <= 0:
             raise ConfigError(f"weighting.beta must be > 0, got {w.beta}")
