@@ -262,7 +262,8 @@ def _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, causal, slid
 def _repeat_kv(
     key: torch.Tensor, value: torch.Tensor, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, Hkv, D) -> (T, Hkv * groups, D), each key/value head shared by `groups` query heads."""
+    """Heads on dim 1, ``(T, Hkv, D)`` or ``(B, Hkv, L, D)``: Hkv -> Hkv * groups, each
+    key/value head shared by ``groups`` query heads."""
     if groups == 1:
         return key, value
     return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -420,10 +421,7 @@ def dense_attention(
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
     return _masked_attention(
         query, key, value, mask, causal if mask is None else None, scale, softcap, dropout
     )
