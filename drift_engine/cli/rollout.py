@@ -361,8 +361,7 @@ def _merge_only(
     if extra:
         raise ConfigError(
             "--merge only takes shard files, --out, --keep-shards/--delete-shards and "
-            f"--max-shard-mb; got "
-            f"{', '.join(extra)}."
+            f"--max-shard-mb; got {', '.join(extra)}."
         )
     if not shards:
         raise ConfigError("--merge needs the shard files to merge.")
