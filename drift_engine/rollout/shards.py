@@ -78,10 +78,6 @@ class ShardLaunch:
     local_rank: int | None  # torchrun's LOCAL_RANK: which of the node's GPUs this process uses
     merge: bool  # torchrun chose the sharding: rank 0 merges the shards into one set
 
-    @property
-    def is_merger(self) -> bool:
-        return self.merge and self.rank == 0
-
 
 def shard_launch(shard_rank: int | None = None, shard_world: int | None = None) -> ShardLaunch:
     """Explicit ``shard_rank``/``shard_world`` (both or neither) make this process one shard

@@ -7,7 +7,6 @@ device scalars to the host once per step, after the optimizer step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -74,30 +73,17 @@ class MetricsWriter:
 
 
 class Throughput:
-    """Tokens per second over the last step and over the run (excluding the first step,
-    which pays for kernel compilation and allocator warmup)."""
+    """Tokens per second of each step, timed from the end of the previous one."""
 
     def __init__(self) -> None:
         self._last = time.perf_counter()
-        self._steady_start: float | None = None
-        self._steady_tokens = 0
 
     def step(self, tokens: int) -> tuple[float, float]:
         """Record a finished step of ``tokens`` tokens; return (step tokens/s, seconds)."""
         now = time.perf_counter()
         seconds = max(now - self._last, 1e-9)
         self._last = now
-        if self._steady_start is None:
-            self._steady_start = now
-        else:
-            self._steady_tokens += tokens
         return tokens / seconds, seconds
-
-    @property
-    def mean_tokens_per_s(self) -> float:
-        if self._steady_start is None or self._steady_tokens == 0:
-            return math.nan
-        return self._steady_tokens / max(time.perf_counter() - self._steady_start, 1e-9)
 
 
 class ProgressBar:
