@@ -380,3 +380,37 @@ def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path):
             [r[key] for r in two], [r[key] for r in one], rtol=LOSS_RTOL, atol=0, msg=key
         )
     _assert_params_close(_exported(tmp_path / "two"), _exported(tmp_path / "one"), "trainer")
+
+
+@pytest.mark.slow
+def test_trainer_resumes_two_rank_ddp_checkpoint_under_fsdp(tmp_path):
+    """Two steps under DDP, then step 3 resumed from that checkpoint under FSDP2, equal
+    three steps in one process."""
+    import json
+
+    from drift_engine.cli import main
+
+    model, data = _trainer_workspace(tmp_path)
+    no_warmup = ["--warmup-ratio", "0"]  # the schedule then does not depend on --max-steps
+    with pytest.raises(SystemExit) as done:
+        main([*_train_args(model, data, tmp_path / "one", grad_accum=2), *no_warmup])
+    assert done.value.code in (0, None)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    two = [*_train_args(model, data, tmp_path / "two", grad_accum=1), *no_warmup,
+           "--keep-last", "1"]  # fmt: skip
+    for extra in (["--strategy", "ddp", "--max-steps", "2"], ["--strategy", "fsdp", "--resume"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "drift_engine", *two, *extra]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert proc.returncode == 0, f"{extra}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["strategy"] == "fsdp" and run["world_size"] == 2
+    one, two = _run_metrics(tmp_path / "one"), _run_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(
+            [r[key] for r in two], [r[key] for r in one], rtol=LOSS_RTOL, atol=0, msg=key
+        )
+    _assert_params_close(_exported(tmp_path / "two"), _exported(tmp_path / "one"), "resumed")

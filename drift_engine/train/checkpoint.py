@@ -13,7 +13,8 @@ Layout of ``OUT/checkpoint-000120/``::
 Model and optimizer state go through ``torch.distributed.checkpoint`` with the
 ``get_state_dict``/``set_state_dict`` helpers, so the same code saves one process, DDP
 and FSDP2-sharded runs, and a checkpoint can be loaded on a different number of ranks.
-The export gathers a full (consolidated) state dict on the main rank.
+Frozen parameters (the base model of a LoRA run) are left out: resume rebuilds them from
+the base model. The export gathers a full (consolidated) state dict on the main rank.
 
 A checkpoint is written into a hidden temporary folder and renamed into place when
 complete, so a crash never leaves a half-written ``checkpoint-*`` folder; the last
@@ -38,7 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from drift_engine.errors import ConfigError
 from drift_engine.train.distributed import (
@@ -51,6 +56,9 @@ from drift_engine.train.distributed import (
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 STATE_FORMAT_VERSION = 1
+# Trainable state only; strict=False lets the load skip the frozen parameters it left out
+# (a trainable one missing from the checkpoint still fails in dcp.load).
+_DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 @dataclass
@@ -142,7 +150,7 @@ def save_checkpoint(
         (tmp / "trainer" / "rng").mkdir(parents=True)
     barrier(ctx)
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     with _quiet_single_process():
         dcp.save(
             {"model": model_sd, "optim": optim_sd},
@@ -220,14 +228,18 @@ def load_checkpoint(
         )
     state = TrainerState(**raw)
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     bundle = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process():
         dcp.load(
             bundle, checkpoint_id=str(path / "trainer" / "dcp"), no_dist=not ctx.is_distributed
         )
     set_state_dict(
-        model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"]
+        model,
+        optimizer,
+        model_state_dict=bundle["model"],
+        optim_state_dict=bundle["optim"],
+        options=_DCP_OPTIONS,
     )
     scheduler.load_state_dict(torch.load(path / "trainer" / "scheduler.pt", weights_only=True))
 
