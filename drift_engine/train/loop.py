@@ -33,7 +33,7 @@ import torch
 from drift_engine.data.packing import PackingStats, pack, plan_rollouts
 from drift_engine.data.rollouts import RolloutSet, load_rollouts, validate_rollouts
 from drift_engine.errors import ConfigError
-from drift_engine.models import apply_lora, load_model, weighted_sft_loss
+from drift_engine.models import apply_lora, load_model, parse_dtype, weighted_sft_loss
 from drift_engine.train.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -58,8 +58,6 @@ from drift_engine.weighting import WeightingConfig, weights_for
 
 RUN_FILE = "run.json"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class TrainResult:
@@ -80,7 +78,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Compute dtype: "auto" is bfloat16 on CUDA and float32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return parse_dtype(name)
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
