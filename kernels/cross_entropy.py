@@ -282,6 +282,8 @@ def _ce_token_chunks(
             write_grad=with_grad,
         )
         if not with_grad:
+            # Release this chunk's logits before the next chunk's GEMM allocates its own.
+            del logits
             continue
         grad_logits = logits  # (C, V): overwritten in place by the row kernel
         torch.mm(grad_logits, weight, out=grad_hidden[start:end])  # (C, H)
