@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_rollout import build_model
 from tokenizer_utils import make_chat_tokenizer
 
 from drift_engine.cli import cli
@@ -39,25 +40,6 @@ PROBLEMS = [
     {"question": "What is 3 plus 4?", "answer": "7"},
 ]  # 3 prompts over 2 ranks: blocks of 2 and 1
 EXACT = ("input_ids", "cu_seqlens", "turn_ids", "group_ids", "format_penalty", "repeat_penalty")
-
-
-def build_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
