@@ -72,7 +72,12 @@ def eval_command(
         plot_multi_at_k,
         write_benchmark_json,
     )
-    from drift_engine.rollout import ChatFormatter, create_engine, load_tokenizer
+    from drift_engine.rollout import (
+        ChatFormatter,
+        create_engine,
+        load_tokenizer,
+        padding_token_id,
+    )
 
     if max_turns < 1:
         raise ConfigError(f"--max-turns must be at least 1, got {max_turns}.")
@@ -99,9 +104,7 @@ def eval_command(
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             max_batch_size=batch_size,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else tokenizer.eos_token_id,
+            pad_token_id=padding_token_id(tokenizer),
         )
         label = _model_label(model, labels)
         for name, problems in benchmarks.items():

@@ -236,6 +236,7 @@ def rollout(
         collect_trajectories,
         create_engine,
         load_tokenizer,
+        padding_token_id,
         to_rollout_set,
         write_preview,
     )
@@ -280,9 +281,7 @@ def rollout(
         device=device,
         max_batch_size=batch_size,
         seed=seed,
-        pad_token_id=tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
+        pad_token_id=padding_token_id(tokenizer),
     )
     run = collect_trajectories(
         engine,

@@ -38,6 +38,7 @@ __all__ = [
     "load_tokenizer",
     "merge_rollout_sets",
     "merge_rollout_shards",
+    "padding_token_id",
     "request_seed",
     "run_rollouts",
     "shard_from_env",
@@ -47,6 +48,11 @@ __all__ = [
     "turn_stats",
     "write_preview",
 ]
+
+
+def padding_token_id(tokenizer: Any) -> int | None:
+    """The id that left-pads batched prompts: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def create_engine(
