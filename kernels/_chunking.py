@@ -26,10 +26,13 @@ import triton
 # bf16) run in one or three chunks, still several times below PyTorch's dense fp32 logits.
 TOKEN_CHUNK_BUDGET_BYTES = 2 * 1024**3
 
-# Largest logits slab of the "vocab_slabs" schedule's gradient pass, in bytes. Small
-# enough to stay a minor part of the peak next to the gradient buffers, large enough that
-# each slab GEMM (N x H x slab) keeps cuBLAS near its peak for N in the thousands.
+# Bounds of the logits slab of the "vocab_slabs" schedule's gradient pass, in bytes. Within
+# them the slab is as large as grad_hidden in the input dtype: the final rounding of the
+# fp32 grad_hidden accumulator allocates that much anyway, so a smaller slab would not
+# lower the peak, and a larger one would raise it. 16 MiB keeps each slab GEMM
+# (N x H x slab) near cuBLAS's peak for N in the thousands.
 VOCAB_SLAB_BUDGET_BYTES = 128 * 1024**2
+MIN_VOCAB_SLAB_BYTES = 16 * 1024**2
 
 # Chunk row counts and slab widths are rounded to multiples of these (GEMM-friendly tiles).
 ROW_MULTIPLE = 64

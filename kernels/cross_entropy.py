@@ -13,7 +13,8 @@ Two schedules walk the (N, V) logits (docs/kernels.md has the FLOP and memory ac
   one GEMM when a single chunk covers all rows, otherwise it accumulates in fp32.
 * ``vocab_slabs``: the log-sum-exp (and loss) over row chunks first, then each vocabulary
   slab of all rows once: grad of weight is written once per slab, grad of hidden
-  accumulates in fp32; 4 GEMMs, peak ≈ the gradient buffers plus one slab.
+  accumulates in fp32; 4 GEMMs, peak ≈ the gradient buffers, the fp32 grad_hidden
+  accumulator and one slab (no larger than grad_hidden).
 
 Per row, with s = softcap(x) = cap·tanh(x/cap), lse = logsumexp(s), ε = label_smoothing,
 z = z_loss:
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from drift_engine.kernels._chunking import (
+    MIN_VOCAB_SLAB_BYTES,
     TOKEN_CHUNK_BUDGET_BYTES,
     VOCAB_SLAB_BUDGET_BYTES,
     chunk_bounds,
@@ -348,7 +350,10 @@ def _ce_vocab_slabs(
         pass1_rows = rows_per_chunk(
             num_rows, vocab_size * elt, max(grad_state_bytes, VOCAB_SLAB_BUDGET_BYTES)
         )
-        slab_cols = columns_per_slab(vocab_size, max(1, num_rows) * elt, VOCAB_SLAB_BUDGET_BYTES)
+        slab_bytes = min(
+            VOCAB_SLAB_BUDGET_BYTES, max(MIN_VOCAB_SLAB_BYTES, num_rows * hidden_size * elt)
+        )
+        slab_cols = columns_per_slab(vocab_size, max(1, num_rows) * elt, slab_bytes)
 
     # Pass 1: loss and lse (the normaliser every slab's softmax needs), in row chunks no
     # larger than the gradient state pass 2 allocates, so pass 1 never sets the peak.
