@@ -6,59 +6,28 @@ per-row coefficients (the token weights, normalised for "mean") are known in for
 its gradient is computed in the same pass (three GEMMs, no recompute) and backward only
 scales it by the upstream gradient. With reduction "none" backward recomputes the logits
 chunk by chunk with each row's upstream gradient as its coefficient.
+
+The autograd Functions here are the eager path; under torch.compile the functional API
+calls the custom ops of library.py, which run the same backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from drift_engine.ops import validation
+from drift_engine.ops import library, validation
+from drift_engine.ops.backends import (
+    CeForward,
+    ce_forward_of,
+    masked_token_weights,
+    row_coefficients,
+)
 from drift_engine.ops.options import CrossEntropyOptions
-
-CeForward = Callable[..., tuple]
-
-
-def _ce_backend(impl: str) -> CeForward:
-    if impl == "triton":
-        return validation.import_kernel_module("cross_entropy").ce_forward
-    from drift_engine.ops import torch_impl
-
-    return torch_impl.ce_forward
-
-
-def _masked_token_weights(
-    labels: torch.Tensor,  # (N,) int64
-    token_weights: torch.Tensor | None,  # (N,)
-    ignore_index: int,
-) -> torch.Tensor:
-    """(N,) fp32 token weights, 0 on ignored rows (1 elsewhere when none are given)."""
-    valid = labels != ignore_index
-    if token_weights is None:
-        return valid.float()
-    return torch.where(valid, token_weights.float(), 0.0)
-
-
-def _row_coefficients(
-    labels: torch.Tensor,  # (N,) int64
-    token_weights: torch.Tensor | None,  # (N,)
-    opts: CrossEntropyOptions,
-) -> torch.Tensor:
-    """(N,) fp32 coefficient of each row's loss in the scalar loss: w ("sum") or w / Σw
-    ("mean"), 0 on ignored rows."""
-    weights = _masked_token_weights(labels, token_weights, opts.ignore_index)
-    if opts.reduction != "mean":
-        return weights
-    total = weights.sum()
-    # An all-ignored batch has Σw = 0 and every coefficient 0: the loss and the gradients
-    # are 0 rather than 0/0 (and no host sync is needed to tell).
-    return weights / torch.where(total > 0, total, 1.0)
 
 
 def _scalar_loss_value(hidden, weight, bias, labels, token_weights, opts, ce_forward):
     """The "mean"/"sum" loss when no gradient is wanted: one pass, no gradient GEMMs."""
-    row_coef = _row_coefficients(labels, token_weights, opts)  # (N,) fp32
+    row_coef = row_coefficients(labels, token_weights, opts)  # (N,) fp32
     loss = ce_forward(hidden, weight, bias, labels, opts, None)[0]  # (N,) fp32
     return (row_coef * loss).sum()
 
@@ -82,7 +51,7 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
         opts: CrossEntropyOptions,
         ce_forward: CeForward,
     ) -> torch.Tensor:
-        row_coef = _row_coefficients(labels, token_weights, opts)  # (N,) fp32
+        row_coef = row_coefficients(labels, token_weights, opts)  # (N,) fp32
         loss, _, grad_hidden, grad_weight, grad_bias = ce_forward(
             hidden, weight, bias, labels, opts, row_coef
         )
@@ -129,7 +98,7 @@ class PerTokenLinearCrossEntropy(torch.autograd.Function):
         opts: CrossEntropyOptions,
         ce_forward: CeForward,
     ) -> torch.Tensor:
-        weights = _masked_token_weights(labels, token_weights, opts.ignore_index)  # (N,) fp32
+        weights = masked_token_weights(labels, token_weights, opts.ignore_index)  # (N,) fp32
         loss, _, _, _, _ = ce_forward(hidden, weight, bias, labels, opts, None)
         ctx.save_for_backward(hidden, weight, bias, labels, weights)
         ctx.opts = opts
@@ -219,20 +188,22 @@ def fused_linear_cross_entropy(
     )
     validation.check_ce_options(opts)
     validation.check_linear_inputs(hidden, weight, bias, labels, token_weights)
-    backend = validation.resolve_impl(impl, hidden.device)
-    labels = labels.long()
-    if check_labels:
-        validation.check_label_values(labels, weight.shape[0], ignore_index, token_weights)
-
-    args = (
+    tensors = (
         hidden.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        labels.contiguous(),
+        labels.long().contiguous(),
         None if token_weights is None else token_weights.detach(),
-        opts,
-        _ce_backend(backend),
     )
+    if torch.compiler.is_compiling():
+        # The custom ops resolve the backend and check the labels when the graph runs.
+        validation.check_impl(impl)
+        return library.linear_cross_entropy(*tensors, opts, impl, check_labels)
+
+    backend = validation.resolve_impl(impl, hidden.device)
+    if check_labels:
+        validation.check_label_values(tensors[3], weight.shape[0], ignore_index, token_weights)
+    args = (*tensors, opts, ce_forward_of(backend))
     if reduction == "none":
         return PerTokenLinearCrossEntropy.apply(*args)
     wants_grad = torch.is_grad_enabled() and any(

@@ -2,6 +2,8 @@
 
 Forward keeps only each row's log-sum-exp; backward recomputes the logits chunk by chunk and
 honours arbitrary upstream gradients on both outputs (what PPO/GRPO-style losses need).
+Under torch.compile the functional API calls the custom ops of library.py instead of the
+autograd Function.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from drift_engine.ops import validation
+from drift_engine.ops import library, validation
+from drift_engine.ops.backends import logprobs_functions_of
 from drift_engine.ops.options import LogProbOptions
 
 
@@ -19,15 +22,6 @@ class LogProbs(NamedTuple):
 
     logprobs: torch.Tensor  # (N,) fp32, 0 for ignored rows
     entropy: torch.Tensor | None  # (N,) fp32, None unless return_entropy=True
-
-
-def _logprobs_backend(impl: str):
-    """(logprobs_forward, logprobs_backward) of the chosen backend."""
-    if impl == "triton":
-        module = validation.import_kernel_module("logprobs")
-    else:
-        from drift_engine.ops import torch_impl as module
-    return module.logprobs_forward, module.logprobs_backward
 
 
 class LinearLogProbs(torch.autograd.Function):
@@ -122,19 +116,21 @@ def fused_linear_logprobs(
     )
     validation.check_logprob_options(opts)
     validation.check_linear_inputs(hidden, weight, bias, labels)
-    backend = validation.resolve_impl(impl, hidden.device)
-    labels = labels.long()
-    if check_labels:
-        validation.check_label_values(labels, weight.shape[0], ignore_index)
-
-    outputs = LinearLogProbs.apply(
+    tensors = (
         hidden.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        labels.contiguous(),
-        opts,
-        _logprobs_backend(backend),
+        labels.long().contiguous(),
     )
+    if torch.compiler.is_compiling():
+        # The custom op resolves the backend and checks the labels when the graph runs.
+        validation.check_impl(impl)
+        return LogProbs(*library.linear_logprobs(*tensors, opts, impl, check_labels))
+
+    backend = validation.resolve_impl(impl, hidden.device)
+    if check_labels:
+        validation.check_label_values(tensors[3], weight.shape[0], ignore_index)
+    outputs = LinearLogProbs.apply(*tensors, opts, logprobs_functions_of(backend))
     if opts.return_entropy:
         logprobs, entropy = outputs
         return LogProbs(logprobs, entropy)

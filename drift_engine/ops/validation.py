@@ -3,7 +3,9 @@
 Every check here runs before any kernel is launched, so that a wrong shape, dtype, device or
 label becomes a clear `FusedOpError` instead of a device-side assert or a silently wrong
 answer. All checks are on metadata (free) except the label-range / token-weight value check,
-which costs one host synchronisation and can be skipped with ``check_labels=False``.
+which costs one host synchronisation and can be skipped with ``check_labels=False``. Under
+torch.compile the metadata checks run while tracing and the value check inside the custom
+ops (library.py), each time the graph runs.
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def check_ce_options(opts: CrossEntropyOptions) -> None:
         raise FusedOpError(f"reduction={opts.reduction!r} is not one of {REDUCTIONS}")
     if not (0.0 <= opts.label_smoothing <= 1.0):
         raise FusedOpError(f"label_smoothing={opts.label_smoothing!r} must be in [0, 1]")
-    if not (math.isfinite(opts.z_loss) and opts.z_loss >= 0.0):
+    # Chained comparisons rather than math.isfinite: they also hold for the symbolic floats
+    # of a torch.compile trace (and reject NaN, which compares False).
+    if not (0.0 <= opts.z_loss < math.inf):
         raise FusedOpError(f"z_loss={opts.z_loss!r} must be a finite number >= 0")
-    if opts.softcap is not None and not (math.isfinite(opts.softcap) and opts.softcap > 0.0):
+    if opts.softcap is not None and not (0.0 < opts.softcap < math.inf):
         raise FusedOpError(
             f"softcap={opts.softcap!r} must be a finite number > 0, or None for no cap"
         )
@@ -120,7 +124,7 @@ def check_ce_options(opts: CrossEntropyOptions) -> None:
 
 
 def check_logprob_options(opts: LogProbOptions) -> None:
-    if not (math.isfinite(opts.temperature) and opts.temperature > 0.0):
+    if not (0.0 < opts.temperature < math.inf):
         raise FusedOpError(f"temperature={opts.temperature!r} must be a finite number > 0")
     if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, int):
         raise FusedOpError(f"ignore_index={opts.ignore_index!r} must be an int")
