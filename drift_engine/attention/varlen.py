@@ -28,10 +28,10 @@ sees keys ``j`` with ``i - W < j <= i`` (``W`` keys including itself), i.e. flas
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,19 @@ _BLOCK_TOKENS = 128
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
-def _flash_attn_varlen_func() -> Callable | None:
+# Kernel lookups are done once, eagerly, and kept in a plain dict rather than an lru_cache:
+# torch.compile traces through lru_cache wrappers, and a traced import of a missing package
+# or inspect.signature breaks the graph, while a filled dict is read as a constant.
+_lookups: dict[str, Any] = {}
+
+
+def _cached(name: str, find: Callable[[], Any]) -> Any:
+    if name not in _lookups:
+        _lookups[name] = find()
+    return _lookups[name]
+
+
+def _find_flash_attn() -> Callable | None:
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -59,20 +70,37 @@ def _flash_attn_varlen_func() -> Callable | None:
     return flash_attn_varlen_func
 
 
-@functools.lru_cache(maxsize=1)
-def _flash_attn_supports_softcap() -> bool:
-    fn = _flash_attn_varlen_func()
-    return fn is not None and "softcap" in inspect.signature(fn).parameters
-
-
-@functools.lru_cache(maxsize=1)
-def _torch_varlen_attn() -> tuple[Callable, frozenset[str]] | None:
-    """PyTorch's varlen attention and the names of its parameters, or None if absent."""
+def _find_torch_varlen() -> tuple[Callable, tuple[str, ...]] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+    return varlen_attn, tuple(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_attn_varlen_func() -> Callable | None:
+    return _cached("flash_attn", _find_flash_attn)
+
+
+def _flash_attn_supports_softcap() -> bool:
+    def find() -> bool:
+        fn = _flash_attn_varlen_func()
+        return fn is not None and "softcap" in inspect.signature(fn).parameters
+
+    return _cached("flash_attn_softcap", find)
+
+
+def _torch_varlen_attn() -> tuple[Callable, tuple[str, ...]] | None:
+    """PyTorch's varlen attention and the names of its parameters, or None if absent."""
+    return _cached("torch_varlen", _find_torch_varlen)
+
+
+def probe_kernels() -> None:
+    """Look up the varlen kernels now. Call it before compiling code that runs attention,
+    so that the compiled code only reads the results (see ``_lookups``)."""
+    _flash_attn_varlen_func()
+    _flash_attn_supports_softcap()
+    _torch_varlen_attn()
 
 
 def available_backends() -> list[str]:
@@ -303,6 +331,9 @@ def _sequence_blocks(bounds: list[int], block_tokens: int) -> list[list[int]]:
     return blocks
 
 
+# Under torch.compile this runs eagerly (a graph break): traced, its host-side loop would
+# specialise the graph on each micro-batch's sequence boundaries and recompile every step.
+@torch.compiler.disable
 def _sdpa_varlen(query, key, value, cu_seqlens, scale, causal, sliding_window, softcap, dropout):
     key, value = _repeat_kv(key, value, query.shape[1] // key.shape[1])
     # One host read of the boundaries (a sync on CUDA, where this fallback only runs when no
