@@ -36,6 +36,7 @@ _FLAG_KEYS = {
     "keep_last": "checkpoint.keep_last",
     "dtype": "model.dtype",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "compile": "model.compile",
     "lora_r": "model.lora.r",
     "device": "device",
     "strategy": "strategy",
@@ -109,6 +110,11 @@ def build_config(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
     "--gradient-checkpointing/--no-gradient-checkpointing",
     default=None,
     help="Recompute activations in backward to save memory.",
+)
+@click.option(
+    "--compile/--no-compile",
+    default=None,
+    help="torch.compile each decoder layer: faster steps after a one-time compile.",
 )
 @click.option("--lora-r", type=int, help="Train LoRA adapters of this rank (needs peft).")
 @click.option("--device", help="Device (default: CUDA when available, else CPU).")

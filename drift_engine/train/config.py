@@ -103,6 +103,10 @@ class ModelConfig:
     attn_implementation: str = "drift_varlen"
     # fused loss backend: "auto", "triton" or "torch"
     loss_impl: Literal["auto", "triton", "torch"] = "auto"
+    # torch.compile each decoder layer (the embeddings, final norm and loss stay eager)
+    compile: bool = False
+    # torch.compile backend; "aot_eager" skips code generation (to tell inductor issues apart)
+    compile_backend: str = "inductor"
     lora: LoraSection = field(default_factory=LoraSection)
 
 
@@ -216,6 +220,10 @@ class TrainConfig:
             raise ConfigError(f"model.lora.r must be >= 0 (0 disables LoRA), got {lora.r}")
         if not 0 <= lora.dropout < 1:
             raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if self.model.compile:
+            from drift_engine.models.compile import check_compile_backend
+
+            check_compile_backend(self.model.compile_backend)
         c = self.checkpoint
         if c.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps must be >= 0, got {c.every_steps}")

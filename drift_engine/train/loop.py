@@ -34,6 +34,7 @@ from drift_engine.data.packing import PackingStats, pack, plan_rollouts
 from drift_engine.data.rollouts import RolloutSet, load_rollouts, validate_rollouts
 from drift_engine.errors import ConfigError
 from drift_engine.models import apply_lora, load_model, parse_dtype, weighted_sft_loss
+from drift_engine.models.compile import compile_decoder_layers
 from drift_engine.train.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -51,6 +52,7 @@ from drift_engine.train.distributed import (
     prepare_model,
     run_forward,
     shard_micro_batches,
+    unwrap_model,
 )
 from drift_engine.train.metrics import METRICS_FILE, MetricsWriter, ProgressBar, Throughput
 from drift_engine.train.schedule import build_scheduler
@@ -147,6 +149,9 @@ class Trainer:
         self.model = prepare_model(
             model, self.ctx, mixed_precision=self.compute_dtype if mixed else None
         )
+        if config.model.compile:
+            # After fully_shard, which changes the layers' class (see models/compile.py).
+            compile_decoder_layers(unwrap_model(self.model), backend=config.model.compile_backend)
         self.optimizer = torch.optim.AdamW(
             decay_parameter_groups(self.model, config.optim.weight_decay),
             lr=config.optim.lr,
