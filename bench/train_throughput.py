@@ -9,7 +9,8 @@ untimed warmup:
   fp32, per-trajectory token-mean cross-entropy × weight averaged over the batch, AdamW
   (fused on CUDA), parameters in the compute dtype;
 - drift-engine: ``drift_engine.train.Trainer`` (packed micro-batches under a token budget,
-  varlen attention, fused weighted loss, fp32 master weights with 16-bit autocast on GPU).
+  varlen attention, fused weighted loss, fp32 master weights with 16-bit autocast on GPU);
+  with ``--compile``, its decoder layers compiled (``model.compile``), compile time excluded.
 
 Reported per side: real (non-padding) tokens/s, the padding fraction of what the model
 processed, peak memory (CUDA), and MFU = (6·P·tokens + attention FLOPs) / time / peak,
@@ -20,6 +21,7 @@ the table below. Only real tokens count as useful work.
 
     python bench/train_throughput.py --preset cpu
     python bench/train_throughput.py --preset gpu --json bench/results/train_throughput_h100.json
+    python bench/train_throughput.py --preset gpu --compile --batch-tokens 32768
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from drift_engine.data.packing import pack
 from drift_engine.data.rollouts import RolloutSet, save_rollouts
 from drift_engine.train.config import config_from_dict
 from drift_engine.train.loop import Trainer
@@ -273,13 +276,21 @@ def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, s
             "device": str(device),
             "progress": False,
             "data": {"path": str(data), "batch_tokens": preset["batch_tokens"], "grad_accum": 1},
-            "model": {"name_or_path": str(model_dir), "dtype": preset["dtype"]},
+            "model": {
+                "name_or_path": str(model_dir),
+                "dtype": preset["dtype"],
+                "compile": preset["compile"],
+            },
             "optim": {"lr": 1e-6},
         }
     )
     trainer = Trainer(config)
+    trainer.model.train()  # as Trainer.fit does
     plan = trainer.epoch_plan(0)
-    for micro_batch in plan.micro_batches[: preset["warmup_steps"]]:
+    warmup = plan.micro_batches[: preset["warmup_steps"]]
+    if preset["compile"]:
+        warmup.append(_recompiling_micro_batch(trainer, plan.micro_batches))
+    for micro_batch in warmup:
         trainer.train_step([micro_batch])
     _sync(device)
     if device.type == "cuda":
@@ -288,6 +299,7 @@ def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, s
     def one_pass() -> int:
         return sum(trainer.train_step([mb])["tokens"] for mb in plan.micro_batches)
 
+    graphs_before = _compiled_graphs()
     seconds, real = _fastest(one_pass, preset["repeats"], device)
     result = {
         "seconds": seconds,
@@ -298,7 +310,33 @@ def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, s
         "optimizer_steps": len(plan.micro_batches),
         "peak_memory_gb": _peak_gb(device),
     }
+    if preset["compile"]:
+        result["graphs_compiled_while_timed"] = _compiled_graphs() - graphs_before
     return result
+
+
+def _recompiling_micro_batch(trainer: Trainer, micro_batches: list[list[int]]) -> list[int]:
+    """A micro-batch that differs from the first one in its token count, sequence count and
+    longest sequence: after both, every size that varies between micro-batches is dynamic
+    in the compiled layers (see drift_engine/models/compile.py), so the timed passes do not
+    compile."""
+
+    def shape(indices: list[int]) -> tuple[int, int, int]:
+        batch = pack(
+            trainer.rollouts, indices, trainer.weights, max_tokens=trainer.config.data.batch_tokens
+        )
+        return batch.num_tokens, batch.num_trajectories, batch.max_seqlen
+
+    first = shape(micro_batches[0])
+    shapes = [(mb, shape(mb)) for mb in micro_batches[1:]]
+    for mb, other in shapes:
+        if all(a != b for a, b in zip(first, other, strict=True)):
+            return mb
+    return next((mb for mb, other in shapes if other[2] != first[2]), micro_batches[0])
+
+
+def _compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -376,6 +414,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--trajectories", type=int, help="override the preset's count")
+    parser.add_argument(
+        "--max-tokens", type=int, help="override the preset's longest trajectory (tokens)"
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, help="override the preset's packed micro-batch budget"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile drift-engine's decoder layers (model.compile); the reference stays eager",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -383,6 +432,16 @@ def main(argv: list[str] | None = None) -> dict:
     preset = dict(PRESETS[args.preset])
     if args.trajectories:
         preset["trajectories"] = args.trajectories
+    if args.max_tokens:
+        preset["max_tokens"] = args.max_tokens
+    if args.batch_tokens:
+        preset["batch_tokens"] = args.batch_tokens
+    if preset["batch_tokens"] < preset["max_tokens"]:
+        parser.error(
+            f"--batch-tokens {preset['batch_tokens']} is below the longest trajectory "
+            f"({preset['max_tokens']}): the trainer would truncate what the reference trains whole"
+        )
+    preset["compile"] = args.compile
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("the gpu preset needs CUDA")
@@ -429,7 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
             "trajectories": len(lengths),
             "tokens": sum(lengths),
             "median_tokens": preset["median_tokens"],
+            "max_tokens": preset["max_tokens"],
             "batch_tokens": preset["batch_tokens"],
+            "compile": preset["compile"],
             "reference_batch": preset["reference_batch"],
             "reference_gradient_checkpointing": preset["reference_gradient_checkpointing"],
             "timed_passes": f"fastest of {preset['repeats']} passes over all trajectories",
@@ -473,15 +534,21 @@ def markdown(report: dict) -> str:
         f"Model: {s['model']['model_type']} hidden {s['model']['hidden_size']}, "
         f"{s['model']['num_hidden_layers']} layers, vocab {s['model']['vocab_size']}, {s['dtype']}. "
         f"Data: {s['trajectories']} trajectories, {s['tokens']:,} tokens (median length "
-        f"{s['median_tokens']}). Reference: padded batches of {s['reference_batch']}"
+        f"{s['median_tokens']}, at most {s['max_tokens']}). Reference: padded batches of "
+        f"{s['reference_batch']}"
         + (", gradient checkpointing" if s["reference_gradient_checkpointing"] else "")
         + f". drift-engine: {s['batch_tokens']}-token packed micro-batches "
-        f"(packing efficiency {100 * report['drift_engine']['packing_efficiency']:.1f}%).",
+        f"(packing efficiency {100 * report['drift_engine']['packing_efficiency']:.1f}%)"
+        + (", decoder layers compiled (torch.compile, inductor)" if s["compile"] else "")
+        + ".",
         "",
         "| | real tokens/s | padding | peak GB | TFLOP/s | MFU | optimizer steps |",
         "|---|---|---|---|---|---|---|",
         row("reference (padded, fp32 logits)", report["reference"]),
-        row("drift-engine (packed, fused loss)", report["drift_engine"]),
+        row(
+            "drift-engine (packed, fused loss" + (", compiled layers)" if s["compile"] else ")"),
+            report["drift_engine"],
+        ),
         "",
         f"Speedup (real tokens/s): **{report['speedup']:.2f}x**",
     ]
