@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# GPU check in one call (at most about 9 minutes of step limits; typically 4-5 on one H100):
+# GPU check in one call: about 6 minutes on one H100, never more than GPU_CHECK_BUDGET_S
+# (default 540 s, under the device's 10-minute limit per call):
 #   1. install the package (editable, offline) and, when present, the liger-kernel and
 #      cut-cross-entropy wheels from .whl/ (see bench/README.md for fetching them);
-#   2. the GPU tests (`pytest -m gpu`) and the kernel/op tests, now on CUDA;
-#   3. the loss benchmark at both presets, cross-entropy and log-probs;
-#   4. the training-throughput benchmark, when bench/train_throughput.py exists.
+#   2. the GPU tests (`pytest -m gpu`), the kernel/op tests and the torch.compile tests,
+#      now on CUDA;
+#   3. training throughput (Qwen2-0.5B config): eager, then with compiled decoder layers;
+#   4. a profile of the trainer's step by category, eager and compiled;
+#   5. the loss benchmark at both presets, cross-entropy and log-probs;
+#   6. training throughput with trajectories up to 3072 tokens (the reference's memory
+#      grows with the longest trajectory of a padded batch; it may run out).
+# Most important first: a session short of time still gets the earlier steps.
 # Everything (logs, JSON, markdown) goes to $OUT, default bench/results/gpu-<UTC date>.
 # A failing step is logged and the next one still runs; the exit status is the number of
 # failed steps.
@@ -18,10 +24,22 @@ FAILED=0
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 
-# step NAME TIMEOUT_S LOGFILE CMD...: run CMD with a time limit, output to LOGFILE.
+BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
+START_S=$SECONDS
+
+# step NAME TIMEOUT_S LOGFILE CMD...: run CMD with a time limit, output to LOGFILE. The
+# limit is cut to what is left of the whole script's budget; with under 20 s left the step
+# is skipped (and counted as failed).
 step() {
     local name="$1" limit="$2" logfile="$3"
     shift 3
+    local left=$((BUDGET_S - (SECONDS - START_S)))
+    if [ "$left" -lt 20 ]; then
+        log "skip  $name: ${left}s left of the ${BUDGET_S}s budget"
+        FAILED=$((FAILED + 1))
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     log "start $name (limit ${limit}s)"
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$logfile" 2>&1
@@ -60,13 +78,13 @@ PY
 } >"$OUT/environment.txt" 2>&1
 
 # ---------------------------------------------------------------- 2. tests
-# Every GPU-marked test, then the kernel and op tests (they run on CUDA when it is present).
+# Every GPU-marked test, then the kernel, op and compile tests (they run on CUDA when it is
+# present).
 step pytest-gpu 90 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests
 op_tests=(tests/test_kernels.py)
-for f in tests/test_ops*.py; do [ -e "$f" ] && op_tests+=("$f"); done
-step pytest-kernels 90 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests[@]}"
+for f in tests/test_ops*.py tests/test_train_compile.py; do [ -e "$f" ] && op_tests+=("$f"); done
+step pytest-kernels 150 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests[@]}"
 
-# ---------------------------------------------------------------- 3. loss benchmark
 {
     echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
@@ -75,25 +93,43 @@ step pytest-kernels 90 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests
     echo '```'
     echo
 } >"$SUMMARY"
+
+# ---------------------------------------------------------------- 3. training throughput
+# The GPU preset (Qwen2-0.5B config, random init) on 256 trajectories, both trainers; then
+# the same with the decoder layers compiled (the first steps include the compile).
+throughput() {  # throughput NAME LIMIT EXTRA_ARGS...
+    local name="$1" limit="$2"
+    shift 2
+    step "$name" "$limit" "$OUT/$name.log" \
+        python bench/train_throughput.py --preset gpu --trajectories 256 \
+        --json "$OUT/$name.json" "$@"
+    { echo "## $name $*"; echo '```'; tail -n 12 "$OUT/$name.log" 2>/dev/null; echo '```'; } >>"$SUMMARY"
+}
+throughput train-throughput 150
+throughput train-throughput-compiled 300 --compile
+
+# ---------------------------------------------------------------- 4. step profile
+# Compiled: more warmup steps, so that the recompile at the first new longest-sequence
+# length happens before the profiled steps.
+for variant in eager compiled; do
+    flag=()
+    [ "$variant" = compiled ] && flag=(--compile --warmup 4)
+    step "profile-$variant" 240 "$OUT/profile-$variant.md" \
+        python bench/profile_train.py --preset gpu --trajectories 160 "${flag[@]}" \
+        --json "$OUT/profile-$variant.json"
+    { tail -n 45 "$OUT/profile-$variant.md" 2>/dev/null; echo; } >>"$SUMMARY"
+done
+
+# ---------------------------------------------------------------- 5. loss benchmark
 for preset in llama3-8b qwen2.5-3b; do
     step "loss-$preset" 150 "$OUT/loss-$preset.md" \
         python bench/loss_kernel.py --preset "$preset" --op all --json "$OUT/loss-$preset.json"
-    cat "$OUT/loss-$preset.md" >>"$SUMMARY"
+    cat "$OUT/loss-$preset.md" 2>/dev/null >>"$SUMMARY"
     echo >>"$SUMMARY"
 done
 
-# ---------------------------------------------------------------- 4. training throughput
-# ==== training-throughput benchmark (bench/train_throughput.py, maintained separately) ====
-# The GPU preset (Qwen2-0.5B config, random init) on 256 trajectories, both trainers.
-if [ -f bench/train_throughput.py ]; then
-    step train-throughput 150 "$OUT/train-throughput.log" \
-        python bench/train_throughput.py --preset gpu --trajectories 256 \
-        --json "$OUT/train-throughput.json"
-    { echo "## training throughput"; echo '```'; tail -n 30 "$OUT/train-throughput.log"; echo '```'; } >>"$SUMMARY"
-else
-    log "bench/train_throughput.py not present: training throughput skipped"
-fi
-# ==== end of training-throughput benchmark ====
+# ---------------------------------------------------------------- 6. longer trajectories
+throughput train-throughput-3072 150 --max-tokens 3072
 
 { echo "## steps"; echo '```'; cat "$OUT/steps.log"; echo '```'; } >>"$SUMMARY"
 log "done: $FAILED failed step(s); results in $OUT"

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         tokens = 0
+        graphs_before = train_throughput._compiled_graphs()
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for micro_batch in batches[args.warmup : needed]:
@@ -155,7 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
             wall_s = time.perf_counter() - start
 
     report = breakdown(prof, device, wall_s, args.steps, tokens, args.top)
-    report.update(preset=args.preset, compile=args.compile, device=_device_name(device))
+    report.update(
+        preset=args.preset,
+        compile=args.compile,
+        device=_device_name(device),
+        # a compile inside the profiled steps would dominate them: raise --warmup then
+        graphs_compiled_while_profiled=train_throughput._compiled_graphs() - graphs_before,
+    )
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +228,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['steps']} steps, {report['tokens']:,} tokens: "
         f"{report['wall_ms_per_step']:.1f} ms wall per step ({report['tokens_per_s']:,.0f} "
-        f"tokens/s); {report['timer']}: {report['busy_ms_per_step']:.1f} ms per step.",
+        f"tokens/s); {report['timer']}: {report['busy_ms_per_step']:.1f} ms per step; "
+        f"{report['graphs_compiled_while_profiled']} graphs compiled meanwhile.",
         "",
         "| category | ms / step | share |",
         "|---|---|---|",
