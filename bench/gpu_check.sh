@@ -7,7 +7,8 @@
 #      now on CUDA;
 #   3. training throughput (Qwen2-0.5B config): eager, then with compiled decoder layers;
 #   4. a profile of the trainer's step by category, eager and compiled;
-#   5. the loss benchmark at both presets, cross-entropy and log-probs;
+#   5. the loss benchmark at both presets, cross-entropy and log-probs, and the second
+#      preset's drift rows with one chunk of all rows;
 #   6. training throughput with trajectories up to 3072 tokens (the reference's memory
 #      grows with the longest trajectory of a padded batch; it may run out).
 # Most important first: a session short of time still gets the earlier steps.
@@ -127,6 +128,14 @@ for preset in llama3-8b qwen2.5-3b; do
     cat "$OUT/loss-$preset.md" 2>/dev/null >>"$SUMMARY"
     echo >>"$SUMMARY"
 done
+
+# One chunk of all 16384 rows at the second preset (logits 5.0 GB instead of three chunks
+# of 1.7 GB): grad of weight becomes one GEMM written once, without the fp32 accumulator
+# that three chunks read and write (1.2 GB each time).
+step loss-qwen2.5-3b-one-chunk 120 "$OUT/loss-qwen2.5-3b-one-chunk.md" \
+    python bench/loss_kernel.py --preset qwen2.5-3b --op all --impl drift-triton,floor \
+    --chunk-size 16384 --json "$OUT/loss-qwen2.5-3b-one-chunk.json"
+cat "$OUT/loss-qwen2.5-3b-one-chunk.md" 2>/dev/null >>"$SUMMARY"
 
 # ---------------------------------------------------------------- 6. longer trajectories
 throughput train-throughput-3072 150 --max-tokens 3072

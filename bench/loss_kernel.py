@@ -3,7 +3,7 @@ and the GEMM floor.
 
     python bench/loss_kernel.py --preset llama3-8b|qwen2.5-3b|cpu-small \
         [--impl drift-triton,drift-torch,torch,liger,cce,cce-exact,floor] \
-        [--op ce|logprobs|all] [--json out.json]
+        [--op ce|logprobs|all] [--chunk-size C] [--json out.json]
 
 Workloads (one preset = N tokens, hidden size H, vocabulary V, dtype):
   ce        importance-weighted scalar loss Σ w·ce / Σ w, random token weights w
@@ -20,6 +20,10 @@ logits recompute of log-probs backward is not counted as useful work).
 
 "floor" is cuBLAS alone: one GEMM (forward) and the three GEMMs logits, grad of hidden,
 grad of weight (forward+backward), in the input dtype.
+
+``--chunk-size`` sets the drift rows' ``chunk_size`` (rows of logits held at once; the
+default sizes chunks from a 2 GiB budget), e.g. one chunk of all N rows, so grad of weight is
+one GEMM written once instead of an fp32 accumulator over chunks.
 """
 
 from __future__ import annotations
@@ -165,8 +169,9 @@ def _floor_case(inputs: Inputs) -> Case:
     return Case("floor (GEMMs only)", forward, forward_backward, output=lambda: None)
 
 
-def build_cases(impl: str, inputs: Inputs, op: str) -> list[Case]:
-    """The table rows of one --impl entry (raises ImportError when its package is absent)."""
+def build_cases(impl: str, inputs: Inputs, op: str, chunk_size: int | None = None) -> list[Case]:
+    """The table rows of one --impl entry (raises ImportError when its package is absent);
+    ``chunk_size`` goes to the drift rows."""
     h, w, labels, tw = inputs.hidden, inputs.weight, inputs.labels, inputs.token_weights
     if impl == "floor":
         return [_floor_case(inputs)]
@@ -182,7 +187,7 @@ def build_cases(impl: str, inputs: Inputs, op: str) -> list[Case]:
                     op,
                     lambda: (
                         fused_linear_logprobs(
-                            h, w, labels, impl=backend, check_labels=False
+                            h, w, labels, impl=backend, chunk_size=chunk_size, check_labels=False
                         ).logprobs
                     ),
                 )
@@ -200,6 +205,7 @@ def build_cases(impl: str, inputs: Inputs, op: str) -> list[Case]:
                     token_weights=tw,
                     impl=backend,
                     schedule=schedule,
+                    chunk_size=chunk_size,
                     check_labels=False,
                 ),
             )
@@ -312,11 +318,15 @@ def measure(case: Case, inputs: Inputs, ref, device: torch.device, reps: int) ->
 # ----------------------------------------------------------------------------- reporting
 
 
-def markdown(rows: list[dict], preset_name: str, preset: Preset, op: str) -> str:
+def markdown(
+    rows: list[dict], preset_name: str, preset: Preset, op: str, chunk_size: int | None = None
+) -> str:
     n, h, v = preset.num_tokens, preset.hidden_size, preset.vocab_size
+    chunking = f", drift chunk_size={chunk_size}" if chunk_size else ""
     floor = next((r for r in rows if r["impl"].startswith("floor") and "error" not in r), None)
     lines = [
-        f"### {op}: {preset_name} (N={n} H={h} V={v}, {str(preset.dtype).removeprefix('torch.')})",
+        f"### {op}: {preset_name} (N={n} H={h} V={v}, "
+        f"{str(preset.dtype).removeprefix('torch.')}{chunking})",
         "",
         "| impl | fwd ms (p20–p80) | fwd+bwd ms (p20–p80) | × floor (fwd / fwd+bwd) "
         "| TFLOP/s (fwd / fwd+bwd) | peak GB | value err | grad err |",
@@ -363,11 +373,22 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run(preset_name: str, impls: list[str], ops: list[str], reps: int) -> dict:
+def run(
+    preset_name: str,
+    impls: list[str],
+    ops: list[str],
+    reps: int,
+    chunk_size: int | None = None,
+) -> dict:
     preset = PRESETS[preset_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs = make_inputs(preset, device)
-    report = {"env": environment(device), "preset": preset_name, "ops": {}}
+    report = {
+        "env": environment(device),
+        "preset": preset_name,
+        "chunk_size": chunk_size,
+        "ops": {},
+    }
     report["shape"] = {
         "N": preset.num_tokens,
         "H": preset.hidden_size,
@@ -381,7 +402,7 @@ def run(preset_name: str, impls: list[str], ops: list[str], reps: int) -> dict:
             if op == "logprobs" and impl not in LOGPROB_IMPLS:
                 continue
             try:
-                cases = build_cases(impl, inputs, op)
+                cases = build_cases(impl, inputs, op, chunk_size)
             except ImportError as error:
                 rows.append({"impl": impl, "error": f"not importable ({error.name or error})"})
                 continue
@@ -397,7 +418,7 @@ def run(preset_name: str, impls: list[str], ops: list[str], reps: int) -> dict:
                         torch.cuda.empty_cache()
         del ref
         report["ops"][op] = rows
-        print(markdown(rows, preset_name, preset, op), "\n", flush=True)
+        print(markdown(rows, preset_name, preset, op, chunk_size), "\n", flush=True)
     return report
 
 
@@ -412,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", choices=["ce", "logprobs", "all"], default="all")
     parser.add_argument("--json", help="write the results (with device and versions) here")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU")
+    parser.add_argument(
+        "--chunk-size", type=int, help="chunk_size of the drift rows (default: from the budget)"
+    )
     args = parser.parse_args(argv)
 
     impls = [name.strip() for name in args.impl.split(",") if name.strip()]
@@ -426,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device: {environment(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))['device']}\n"
     )
-    report = run(args.preset, impls, ops, args.reps)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        parser.error("--chunk-size must be >= 1")
+    report = run(args.preset, impls, ops, args.reps, args.chunk_size)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
