@@ -348,13 +348,21 @@ def _exported(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path, compiled):
     """`torchrun -m drift_engine train` on 2 ranks (FSDP2, one micro-batch per rank and
-    step, gradient checkpointing inside the sharded layers) equals one process accumulating
-    the same two micro-batches per step without checkpointing."""
+    step, gradient checkpointing inside the sharded layers; also with the decoder layers
+    compiled after fully_shard) equals one eager process accumulating the same two
+    micro-batches per step without checkpointing."""
     from drift_engine.cli import main
 
     model, data = _trainer_workspace(tmp_path)
+    compile_flags = []
+    if compiled:
+        # aot_eager: dynamo and AOT autograd without code generation (quick on 2 cores)
+        config = tmp_path / "compile.toml"
+        config.write_text('[model]\ncompile = true\ncompile_backend = "aot_eager"\n')
+        compile_flags = ["--config", str(config)]
     with pytest.raises(SystemExit) as done:
         main(
             [
@@ -367,9 +375,14 @@ def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "drift_engine", *_train_args(model, data, tmp_path / "two", grad_accum=1),
-           "--strategy", "fsdp", "--gradient-checkpointing"]  # fmt: skip
+           "--strategy", "fsdp", "--gradient-checkpointing", *compile_flags]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    if compiled:
+        import json
+
+        run = json.loads((tmp_path / "two" / "run.json").read_text())
+        assert run["config"]["model"]["compile"] is True, run["config"]["model"]
 
     one, two = _run_metrics(tmp_path / "one"), _run_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
