@@ -53,6 +53,9 @@ def test_train_throughput_cpu_preset(tmp_path):
     assert report["speedup"] == pytest.approx(
         ours["real_tokens_per_s"] / reference["real_tokens_per_s"]
     )
+    # The LM head runs only on the trained (last-turn) tokens: fewer FLOPs executed.
+    assert 0 < report["setup"]["trained_tokens"] < report["setup"]["tokens"]
+    assert 0 < ours["executed_tflops_per_s"] < ours["tflops_per_s"]
 
 
 def test_profile_train_cpu_preset(tmp_path):
