@@ -8,11 +8,10 @@ the backend is mostly ``aot_eager`` (no code generation), so the file runs in se
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch._dynamo
+from kernel_utils import requires_kernels
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from drift_engine import FusedLinearCrossEntropy, fused_linear_cross_entropy, fused_linear_logprobs
@@ -294,15 +293,7 @@ def test_shape_errors_raise_while_tracing():
         compiled(hidden, weight[:, :5], labels)
 
 
-def _triton_kernels_importable() -> bool:
-    try:
-        importlib.import_module("drift_engine.kernels.cross_entropy")
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _triton_kernels_importable(), reason="Triton kernels not importable")
+@requires_kernels("cross_entropy")
 def test_triton_impl_through_the_custom_op():
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
 

@@ -9,11 +9,10 @@ in fp32/fp16 on a smaller parametrisation.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_utils import requires_kernels
 
 from drift_engine import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from drift_engine.errors import DriftError
@@ -23,20 +22,7 @@ from drift_engine.ops.reference import cross_entropy_reference
 IGNORE = -100
 
 
-def _triton_kernels_importable() -> bool:
-    try:
-        importlib.import_module("drift_engine.kernels.cross_entropy")
-    except ImportError:
-        return False
-    return True
-
-
-TRITON = pytest.param(
-    "triton",
-    marks=pytest.mark.skipif(
-        not _triton_kernels_importable(), reason="drift_engine.kernels.cross_entropy not importable"
-    ),
-)
+TRITON = pytest.param("triton", marks=requires_kernels("cross_entropy"))
 
 
 # Triton runs on the GPU when there is one, else in the interpreter on CPU (tests/conftest.py);

@@ -8,10 +8,9 @@ plus a few units in the last place of the output dtype.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
+from kernel_utils import requires_kernels
 
 from drift_engine import FusedLinearLogProbs, LogProbs, fused_linear_logprobs
 from drift_engine.errors import DriftError
@@ -20,20 +19,7 @@ from drift_engine.ops.reference import logprobs_reference
 IGNORE = -100
 
 
-def _triton_kernels_importable() -> bool:
-    try:
-        importlib.import_module("drift_engine.kernels.logprobs")
-    except ImportError:
-        return False
-    return True
-
-
-TRITON = pytest.param(
-    "triton",
-    marks=pytest.mark.skipif(
-        not _triton_kernels_importable(), reason="drift_engine.kernels.logprobs not importable"
-    ),
-)
+TRITON = pytest.param("triton", marks=requires_kernels("logprobs"))
 
 
 # Triton runs on the GPU when there is one, else in the interpreter on CPU (tests/conftest.py);
