@@ -344,19 +344,25 @@ def _exported(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     (checkpoint,) = sorted(out.glob("checkpoint-*"))
-    return load_file(checkpoint / "model.safetensors")
+    adapter = checkpoint / "adapter_model.safetensors"  # LoRA runs export the adapters
+    return load_file(adapter if adapter.exists() else checkpoint / "model.safetensors")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path, compiled):
+@pytest.mark.parametrize(
+    ("compiled", "lora"),
+    [(False, False), (True, False), (False, True)],
+    ids=["eager", "compiled", "lora"],
+)
+def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path, compiled, lora):
     """`torchrun -m drift_engine train` on 2 ranks (FSDP2, one micro-batch per rank and
     step, gradient checkpointing inside the sharded layers; also with the decoder layers
-    compiled after fully_shard) equals one eager process accumulating the same two
-    micro-batches per step without checkpointing."""
+    compiled after fully_shard, and with LoRA adapters) equals one eager process
+    accumulating the same two micro-batches per step without checkpointing."""
     from drift_engine.cli import main
 
     model, data = _trainer_workspace(tmp_path)
+    lora_flags = ["--lora-r", "4"] if lora else []
     compile_flags = []
     if compiled:
         # aot_eager: dynamo and AOT autograd without code generation (quick on 2 cores)
@@ -368,6 +374,7 @@ def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path, compiled):
             [
                 *_train_args(model, data, tmp_path / "one", grad_accum=2),
                 "--no-gradient-checkpointing",
+                *lora_flags,
             ]
         )
     assert done.value.code in (0, None)
@@ -375,7 +382,8 @@ def test_trainer_cli_two_ranks_fsdp_match_one_process(tmp_path, compiled):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "drift_engine", *_train_args(model, data, tmp_path / "two", grad_accum=1),
-           "--strategy", "fsdp", "--gradient-checkpointing", *compile_flags]  # fmt: skip
+           "--strategy", "fsdp", "--gradient-checkpointing", *compile_flags,
+           *lora_flags]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     if compiled:
