@@ -6,9 +6,9 @@
 #   2. the GPU tests (`pytest -m gpu`), the kernel/op tests and the torch.compile tests,
 #      now on CUDA;
 #   3. training throughput (Qwen2-0.5B config): eager, then with compiled decoder layers;
-#   4. a profile of the trainer's step by category, eager and compiled;
-#   5. the loss benchmark at both presets, cross-entropy and log-probs, and the second
+#   4. the loss benchmark at both presets, cross-entropy and log-probs, and the second
 #      preset's drift rows with one chunk of all rows;
+#   5. a profile of the trainer's step by category, eager and compiled;
 #   6. training throughput with trajectories up to 3072 tokens (the reference's memory
 #      grows with the longest trajectory of a padded batch; it may run out).
 # Most important first: a session short of time still gets the earlier steps.
@@ -109,19 +109,7 @@ throughput() {  # throughput NAME LIMIT EXTRA_ARGS...
 throughput train-throughput 150
 throughput train-throughput-compiled 300 --compile
 
-# ---------------------------------------------------------------- 4. step profile
-# Compiled: more warmup steps, so that the recompile at the first new longest-sequence
-# length happens before the profiled steps.
-for variant in eager compiled; do
-    flag=()
-    [ "$variant" = compiled ] && flag=(--compile --warmup 4)
-    step "profile-$variant" 240 "$OUT/profile-$variant.md" \
-        python bench/profile_train.py --preset gpu --trajectories 160 "${flag[@]}" \
-        --json "$OUT/profile-$variant.json"
-    { tail -n 45 "$OUT/profile-$variant.md" 2>/dev/null; echo; } >>"$SUMMARY"
-done
-
-# ---------------------------------------------------------------- 5. loss benchmark
+# ---------------------------------------------------------------- 4. loss benchmark
 for preset in llama3-8b qwen2.5-3b; do
     step "loss-$preset" 150 "$OUT/loss-$preset.md" \
         python bench/loss_kernel.py --preset "$preset" --op all --json "$OUT/loss-$preset.json"
@@ -136,6 +124,18 @@ step loss-qwen2.5-3b-one-chunk 120 "$OUT/loss-qwen2.5-3b-one-chunk.md" \
     python bench/loss_kernel.py --preset qwen2.5-3b --op all --impl drift-triton,floor \
     --chunk-size 16384 --json "$OUT/loss-qwen2.5-3b-one-chunk.json"
 cat "$OUT/loss-qwen2.5-3b-one-chunk.md" 2>/dev/null >>"$SUMMARY"
+
+# ---------------------------------------------------------------- 5. step profile
+# Compiled: more warmup steps, so that the recompile at the first new longest-sequence
+# length happens before the profiled steps.
+for variant in eager compiled; do
+    flag=()
+    [ "$variant" = compiled ] && flag=(--compile --warmup 4)
+    step "profile-$variant" 240 "$OUT/profile-$variant.md" \
+        python bench/profile_train.py --preset gpu --trajectories 160 "${flag[@]}" \
+        --json "$OUT/profile-$variant.json"
+    { tail -n 45 "$OUT/profile-$variant.md" 2>/dev/null; echo; } >>"$SUMMARY"
+done
 
 # ---------------------------------------------------------------- 6. longer trajectories
 throughput train-throughput-3072 150 --max-tokens 3072
