@@ -192,6 +192,19 @@ def breakdown(prof, device: torch.device, wall_s: float, steps: int, tokens: int
             per_name[key] += us
             calls[key] += 1
             category_of[key] = label
+    if on_gpu:
+        # Device work no operator claimed (launched outside any profiled operator): counted
+        # from the device's own events so that nothing silently drops out of the total.
+        device_us = sum(
+            event.device_time_total
+            for event in prof.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA
+        )
+        unattributed = device_us - sum(per_name.values())
+        if unattributed > 0.01 * device_us:
+            per_name["(launched outside any operator) [other]"] = unattributed
+            calls["(launched outside any operator) [other]"] = 0
+            category_of["(launched outside any operator) [other]"] = "other"
     by_category: dict[str, float] = defaultdict(float)
     for name, us in per_name.items():
         by_category[category_of[name]] += us
