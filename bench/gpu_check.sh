@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# GPU check in one call: about 6 minutes on one H100, never more than GPU_CHECK_BUDGET_S
-# (default 540 s, under the device's 10-minute limit per call):
+# GPU check in one call, cut at GPU_CHECK_BUDGET_S (default 540 s, under the device's
+# 10-minute limit per call; the whole list takes about 10 minutes on one H100, so the last
+# steps may be skipped):
 #   1. install the package (editable, offline) and, when present, the liger-kernel and
 #      cut-cross-entropy wheels from .whl/ (see bench/README.md for fetching them);
-#   2. the GPU tests (`pytest -m gpu`), the kernel/op tests and the torch.compile tests,
-#      now on CUDA;
-#   3. training throughput (Qwen2-0.5B config): eager, then with compiled decoder layers;
+#   2. the GPU tests (`pytest -m gpu`: compiled layers vs eager in bf16 on CUDA among them),
+#      the kernel and op tests on CUDA, and the compile tests (CPU) against this image's
+#      torch and transformers;
+#   3. training throughput (Qwen2-0.5B config): eager against the reference, then with
+#      compiled decoder layers, then a profile of the compiled step by category;
 #   4. the loss benchmark at both presets, cross-entropy and log-probs, and the second
-#      preset's drift rows with one chunk of all rows;
-#   5. a profile of the trainer's step by category, eager and compiled;
-#   6. training throughput with trajectories up to 3072 tokens (the reference's memory
-#      grows with the longest trajectory of a padded batch; it may run out).
+#      preset's token-chunk and log-prob rows with one chunk of all rows;
+#   5. a profile of the eager step;
+#   6. training throughput with trajectories up to 3072 tokens (the reference's padded
+#      fp32 logits may run out of memory: then only the trainer is reported).
 # Most important first: a session short of time still gets the earlier steps.
 # Everything (logs, JSON, markdown) goes to $OUT, default bench/results/gpu-<UTC date>.
 # A failing step is logged and the next one still runs; the exit status is the number of
-# failed steps.
+# failed (or skipped) steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,9 +82,9 @@ PY
 } >"$OUT/environment.txt" 2>&1
 
 # ---------------------------------------------------------------- 2. tests
-# Every GPU-marked test, then the kernel, op and compile tests (they run on CUDA when it is
-# present).
-step pytest-gpu 90 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests
+# Every GPU-marked test, then the kernel and op tests (on CUDA when it is present) and the
+# compile tests (CPU, but against this image's torch and transformers).
+step pytest-gpu 150 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests
 op_tests=(tests/test_kernels.py)
 for f in tests/test_ops*.py tests/test_train_compile.py; do [ -e "$f" ] && op_tests+=("$f"); done
 step pytest-kernels 150 "$OUT/pytest-kernels.log" python -m pytest -q "${op_tests[@]}"
@@ -95,10 +98,9 @@ step pytest-kernels 150 "$OUT/pytest-kernels.log" python -m pytest -q "${op_test
     echo
 } >"$SUMMARY"
 
-# ---------------------------------------------------------------- 3. training throughput
-# The GPU preset (Qwen2-0.5B config, random init) on 256 trajectories, both trainers; then
-# the same with the decoder layers compiled (the first steps include the compile).
-throughput() {  # throughput NAME LIMIT EXTRA_ARGS...
+# throughput NAME LIMIT EXTRA_ARGS...: the GPU preset (Qwen2-0.5B config, random init) on
+# 256 trajectories.
+throughput() {
     local name="$1" limit="$2"
     shift 2
     step "$name" "$limit" "$OUT/$name.log" \
@@ -106,8 +108,25 @@ throughput() {  # throughput NAME LIMIT EXTRA_ARGS...
         --json "$OUT/$name.json" "$@"
     { echo "## $name $*"; echo '```'; tail -n 12 "$OUT/$name.log" 2>/dev/null; echo '```'; } >>"$SUMMARY"
 }
+
+# profile VARIANT LIMIT EXTRA_ARGS...: where the trainer's step time goes.
+profile() {
+    local variant="$1" limit="$2"
+    shift 2
+    step "profile-$variant" "$limit" "$OUT/profile-$variant.md" \
+        python bench/profile_train.py --preset gpu --trajectories 160 "$@" \
+        --json "$OUT/profile-$variant.json"
+    { tail -n 45 "$OUT/profile-$variant.md" 2>/dev/null; echo; } >>"$SUMMARY"
+}
+
+# ---------------------------------------------------------------- 3. training throughput
+# Both trainers, eager; then this trainer alone with compiled decoder layers (the untimed
+# warmup includes the compile), and its step profile while the compiled code is cached
+# (more warmup steps: the recompile at the first new longest-sequence length comes before
+# the profiled steps).
 throughput train-throughput 150
-throughput train-throughput-compiled 300 --compile
+throughput train-throughput-compiled 300 --compile --no-reference
+profile compiled 180 --compile --warmup 4
 
 # ---------------------------------------------------------------- 4. loss benchmark
 for preset in llama3-8b qwen2.5-3b; do
@@ -125,17 +144,8 @@ step loss-qwen2.5-3b-one-chunk 120 "$OUT/loss-qwen2.5-3b-one-chunk.md" \
     --chunk-size 16384 --json "$OUT/loss-qwen2.5-3b-one-chunk.json"
 cat "$OUT/loss-qwen2.5-3b-one-chunk.md" 2>/dev/null >>"$SUMMARY"
 
-# ---------------------------------------------------------------- 5. step profile
-# Compiled: more warmup steps, so that the recompile at the first new longest-sequence
-# length happens before the profiled steps.
-for variant in eager compiled; do
-    flag=()
-    [ "$variant" = compiled ] && flag=(--compile --warmup 4)
-    step "profile-$variant" 240 "$OUT/profile-$variant.md" \
-        python bench/profile_train.py --preset gpu --trajectories 160 "${flag[@]}" \
-        --json "$OUT/profile-$variant.json"
-    { tail -n 45 "$OUT/profile-$variant.md" 2>/dev/null; echo; } >>"$SUMMARY"
-done
+# ---------------------------------------------------------------- 5. eager step profile
+profile eager 120
 
 # ---------------------------------------------------------------- 6. longer trajectories
 throughput train-throughput-3072 150 --max-tokens 3072

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
         trainer = Trainer(config)
+        trainer.model.train()  # as fit() does
         batches = trainer.epoch_plan(0).micro_batches
         needed = args.warmup + args.steps
         if len(batches) < needed:

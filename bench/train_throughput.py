@@ -259,7 +259,6 @@ def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, 
         "padding_fraction": 1 - real / padded,
         "optimizer_steps": len(batches),
         "peak_memory_gb": _peak_gb(device),
-        "params_for_flops": matmul_params(model),
     }
     return result
 
@@ -425,6 +424,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="compile drift-engine's decoder layers (model.compile); the reference stays eager",
     )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="measure only this trainer (e.g. a second run of the same preset)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -454,7 +458,10 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir, data = tmp / "model", tmp / "rollouts.safetensors"
         hf_config = AutoConfig.for_model(**model_config)
         torch.manual_seed(args.seed)
-        AutoModelForCausalLM.from_config(hf_config).save_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_config(hf_config)
+        params_for_flops = matmul_params(model)
+        model.save_pretrained(model_dir)
+        del model
         rollouts = synthetic_rollouts(
             preset["trajectories"],
             preset["median_tokens"],
@@ -465,13 +472,20 @@ def main(argv: list[str] | None = None) -> dict:
         save_rollouts(data, rollouts)
         lengths = rollouts.lengths().tolist()
 
-        reference = reference_pass(model_dir, rollouts, preset, device, args.seed)
-        _free(device)  # the reference's model and optimizer went out of scope
+        reference = None
+        if not args.no_reference:
+            try:
+                reference = reference_pass(model_dir, rollouts, preset, device, args.seed)
+            except torch.cuda.OutOfMemoryError as error:
+                # Padded fp32 logits of long trajectories: report it, still measure the trainer.
+                reference = {"error": f"out of memory: {str(error).splitlines()[0]}"}
+            _free(device)  # the reference's model and optimizer went out of scope
         ours = trainer_pass(model_dir, data, tmp / "out", preset, device, args.seed)
 
     peak, card = peak_tflops(device)
-    flops = training_flops(model_config, reference["params_for_flops"], lengths)
-    for result in (reference, ours):
+    flops = training_flops(model_config, params_for_flops, lengths)
+    measured = [ours] + ([reference] if reference and "error" not in reference else [])
+    for result in measured:
         result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
         result["tflops_per_s"] = flops / result["seconds"] / 1e12
         result["mfu"] = result["tflops_per_s"] / peak if peak else None
@@ -507,12 +521,16 @@ def main(argv: list[str] | None = None) -> dict:
             "reference_gradient_checkpointing": preset["reference_gradient_checkpointing"],
             "timed_passes": f"fastest of {preset['repeats']} passes over all trajectories",
             "flops_formula": "6*P*tokens + 6*layers*heads*head_dim*sum(L^2)",
-            "params_for_flops": reference["params_for_flops"],
+            "params_for_flops": params_for_flops,
             "trained_tokens": trained_tokens,
         },
         "reference": reference,
         "drift_engine": ours,
-        "speedup": ours["real_tokens_per_s"] / reference["real_tokens_per_s"],
+        "speedup": (
+            ours["real_tokens_per_s"] / reference["real_tokens_per_s"]
+            if len(measured) == 2
+            else None
+        ),
     }
     print(markdown(report))
     if args.json:
@@ -524,7 +542,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(report: dict) -> str:
-    def row(name: str, r: dict) -> str:
+    def row(name: str, r: dict | None) -> str:
+        if r is None:
+            return f"| {name} | not run (--no-reference) | | | | | |"
+        if "error" in r:
+            return f"| {name} | {r['error']} | | | | | |"
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         return (
@@ -563,7 +585,11 @@ def markdown(report: dict) -> str:
             report["drift_engine"],
         ),
         "",
-        f"Speedup (real tokens/s): **{report['speedup']:.2f}x**",
+        (
+            f"Speedup (real tokens/s): **{report['speedup']:.2f}x**"
+            if report["speedup"] is not None
+            else "Speedup: n/a (no reference measured)"
+        ),
         "",
         f"MFU counts the LM head on every token; drift-engine runs it only on the "
         f"{s['trained_tokens']:,} trained tokens "

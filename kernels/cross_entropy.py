@@ -14,7 +14,7 @@ Two schedules walk the (N, V) logits (docs/kernels.md has the FLOP and memory ac
 * ``vocab_slabs``: the log-sum-exp (and loss) over row chunks first, then each vocabulary
   slab of all rows once: grad of weight is written once per slab, grad of hidden
   accumulates in fp32; 4 GEMMs, peak ≈ the gradient buffers, the fp32 grad_hidden
-  accumulator and one slab (no larger than grad_hidden).
+  accumulator and one slab (by default sized like grad_hidden, within 16–128 MiB).
 
 Per row, with s = softcap(x) = cap·tanh(x/cap), lse = logsumexp(s), ε = label_smoothing,
 z = z_loss:

@@ -57,6 +57,10 @@ def test_train_throughput_cpu_preset(tmp_path):
     assert 0 < report["setup"]["trained_tokens"] < report["setup"]["tokens"]
     assert 0 < ours["executed_tflops_per_s"] < ours["tflops_per_s"]
 
+    alone = train_throughput.main(["--preset", "cpu", "--trajectories", "8", "--no-reference"])
+    assert alone["reference"] is None and alone["speedup"] is None
+    assert alone["drift_engine"]["real_tokens"] == alone["setup"]["tokens"]
+
 
 def test_profile_train_cpu_preset(tmp_path):
     profile_train = _load("profile_train")
@@ -64,8 +68,68 @@ def test_profile_train_cpu_preset(tmp_path):
         ["--preset", "cpu", "--trajectories", "24", "--warmup", "1", "--steps", "1"]
     )
     categories = report["categories"]
+    # The fused loss and AdamW are found by their scopes, whatever their operators are.
     assert {"gemm", "loss", "optimizer"} <= set(categories)
-    assert sum(row["share"] for row in categories.values()) == pytest.approx(1.0)
-    total = sum(row["ms_per_step"] for row in categories.values())
-    assert total == pytest.approx(report["busy_ms_per_step"])
+    assert categories["loss"]["ms_per_step"] > 0 and categories["optimizer"]["ms_per_step"] > 0
+    assert report["graphs_compiled_while_profiled"] == 0
     assert report["tokens"] > 0 and report["wall_ms_per_step"] > 0
+
+
+class _Kernel:
+    def __init__(self, name: str, duration: float):
+        self.name, self.duration = name, duration
+
+
+class _Event:
+    """The attributes of a profiler FunctionEvent that the breakdown reads."""
+
+    def __init__(self, name, parent=None, kernels=(), device_type=None, device_us=0.0):
+        import torch
+
+        self.name, self.cpu_parent = name, parent
+        self.kernels = [_Kernel(*k) for k in kernels]
+        self.device_type = device_type or torch.autograd.DeviceType.CPU
+        self.device_time_total = device_us
+        self.self_cpu_time_total = 0.0
+
+
+def test_profile_breakdown_attributes_cuda_kernels_by_scope_and_name():
+    """CUDA side: a kernel counts in its operator's scope (loss, optimizer) before its own
+    name; device time that no operator launched is reported as such, not dropped."""
+    import torch
+
+    profile_train = _load("profile_train")
+    cuda = torch.autograd.DeviceType.CUDA
+    loss = _Event("WeightedLinearCrossEntropy")
+    adamw = _Event("Optimizer.step#AdamW.step")
+    events = [
+        loss,
+        _Event("aten::mm", loss, [("nvjet_hsh_gemm", 300.0)]),  # the loss's GEMM
+        _Event("aten::mm", None, [("nvjet_hsh_gemm", 500.0)]),  # a linear layer's
+        _Event("aten::add", None, [("vectorized_elementwise_kernel", 100.0)]),
+        _Event("aten::_fused_adamw_", adamw, [("multi_tensor_apply_kernel", 60.0)]),
+        _Event("aten::_flash_attention_forward", None, [("flash_fwd_kernel", 40.0)]),
+        # what the device itself recorded: the kernels above plus 100 µs launched outside
+        _Event("device", device_type=cuda, device_us=1100.0),
+    ]
+
+    class Profile:
+        def events(self):
+            return events
+
+    report = profile_train.breakdown(
+        Profile(), torch.device("cuda"), wall_s=0.004, steps=2, tokens=1000, top=10
+    )
+    ms = {name: row["ms_per_step"] for name, row in report["categories"].items()}
+    assert ms == pytest.approx(
+        {
+            "gemm": 0.25,
+            "loss": 0.15,
+            "elementwise": 0.05,
+            "optimizer": 0.03,
+            "attention": 0.02,
+            "other": 0.05,
+        }  # fmt: skip
+    )
+    assert report["busy_ms_per_step"] == pytest.approx(0.55)
+    assert report["tokens_per_s"] == pytest.approx(250_000)

@@ -392,3 +392,28 @@ def test_compile_errors(workspace, tmp_path, monkeypatch):
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(ConfigError, match="model.compile needs torch.compile"):
         config_from_dict({**config, "model": {"name_or_path": "m", "compile": True}}).validate()
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+@pytest.mark.gpu
+def test_compiled_layers_on_cuda_train_like_eager_in_bf16(workspace, tmp_path):
+    """On CUDA (bf16 autocast over fp32 weights, the CUDA varlen attention, the Triton loss),
+    layers compiled by inductor train as eager ones do, up to bf16 rounding: losses of three
+    steps and the last step's gradients. Broken boundaries or a dropped checkpoint would
+    move the losses by far more."""
+    on_cuda = {"device": "cuda", "model.dtype": "bfloat16", "model.gradient_checkpointing": True}
+    eager = make_trainer(workspace, tmp_path / "eager", **on_cuda)
+    compiled = make_trainer(workspace, tmp_path / "compiled", **on_cuda, **{"model.compile": True})
+    micro_batches = eager.epoch_plan(0).micro_batches[:3]
+    eager_losses, eager_grads = train_steps(eager, micro_batches)
+    compiled_losses, compiled_grads = train_steps(compiled, micro_batches)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-2)
+    assert compiled_grads.keys() == eager_grads.keys() and eager_grads
+    worst = max(relative_error(compiled_grads[n], g) for n, g in eager_grads.items())
+    assert worst < 5e-2, worst
