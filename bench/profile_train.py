@@ -95,54 +95,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    preset = dict(train_throughput.PRESETS[args.preset])
+    preset = dict(train_throughput.PRESETS[args.preset], compile=args.compile)
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("the gpu preset needs CUDA")
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from drift_engine.data.rollouts import save_rollouts
-    from drift_engine.train.config import config_from_dict
-    from drift_engine.train.loop import Trainer
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir, data = tmp / "model", tmp / "rollouts.safetensors"
-        torch.manual_seed(args.seed)
-        hf_config = AutoConfig.for_model(**preset["model"])
-        AutoModelForCausalLM.from_config(hf_config).save_pretrained(model_dir)
-        rollouts = train_throughput.synthetic_rollouts(
-            args.trajectories,
-            preset["median_tokens"],
-            preset["max_tokens"],
-            preset["model"]["vocab_size"],
-            args.seed,
+        model_dir, data, _, _ = train_throughput.write_workspace(
+            tmp, preset, args.trajectories, args.seed
         )
-        save_rollouts(data, rollouts)
-        model_section = {"name_or_path": str(model_dir), "dtype": preset["dtype"]}
-        if args.compile:
-            model_section["compile"] = True
-        config = config_from_dict(
-            {
-                "out": str(tmp / "out"),
-                "seed": args.seed,
-                "device": str(device),
-                "progress": False,
-                "data": {"path": str(data), "batch_tokens": preset["batch_tokens"]},
-                "model": model_section,
-                "optim": {"lr": 1e-6},
-            }
+        trainer = train_throughput.make_trainer(
+            model_dir, data, tmp / "out", preset, device, args.seed
         )
-        trainer = Trainer(config)
-        trainer.model.train()  # as fit() does
         batches = trainer.epoch_plan(0).micro_batches
         needed = args.warmup + args.steps
         if len(batches) < needed:
             parser.error(f"{len(batches)} micro-batches; raise --trajectories to get {needed}")
         for micro_batch in batches[: args.warmup]:
             trainer.train_step([micro_batch])
-        _sync(device)
+        train_throughput._sync(device)
 
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -153,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             for micro_batch in batches[args.warmup : needed]:
                 tokens += trainer.train_step([micro_batch])["tokens"]
-            _sync(device)
+            train_throughput._sync(device)
             wall_s = time.perf_counter() - start
 
     report = breakdown(prof, device, wall_s, args.steps, tokens, args.top)
@@ -262,11 +234,6 @@ def markdown(report: dict) -> str:
             f"{row['calls_per_step']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _device_name(device: torch.device) -> str:

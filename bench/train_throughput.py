@@ -151,6 +151,30 @@ def synthetic_rollouts(
     return dataclasses.replace(rs, weights=weights)
 
 
+def write_workspace(
+    root: Path, preset: dict, trajectories: int, seed: int
+) -> tuple[Path, Path, RolloutSet, int]:
+    """The preset's random-initialised model and synthetic rollouts, saved under ``root``:
+    ``(model_dir, rollouts_file, rollouts, parameters counted for FLOPs)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir, data = root / "model", root / "rollouts.safetensors"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset["model"]))
+    params_for_flops = matmul_params(model)
+    model.save_pretrained(model_dir)
+    del model
+    rollouts = synthetic_rollouts(
+        trajectories,
+        preset["median_tokens"],
+        preset["max_tokens"],
+        preset["model"]["vocab_size"],
+        seed,
+    )
+    save_rollouts(data, rollouts)
+    return model_dir, data, rollouts, params_for_flops
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -266,8 +290,9 @@ def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, 
 # ----------------------------------------------------------------------------- trainer
 
 
-def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, seed: int) -> dict:
-    """This trainer over every trajectory: one packed micro-batch per optimizer step."""
+def make_trainer(model_dir: Path, data: Path, out: Path, preset: dict, device, seed: int):
+    """This trainer on the preset (one packed micro-batch per optimizer step), in training
+    mode as ``Trainer.fit`` puts it."""
     config = config_from_dict(
         {
             "out": str(out),
@@ -284,7 +309,13 @@ def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, s
         }
     )
     trainer = Trainer(config)
-    trainer.model.train()  # as Trainer.fit does
+    trainer.model.train()
+    return trainer
+
+
+def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, seed: int) -> dict:
+    """This trainer over every trajectory: one packed micro-batch per optimizer step."""
+    trainer = make_trainer(model_dir, data, out, preset, device, seed)
     plan = trainer.epoch_plan(0)
     warmup = plan.micro_batches[: preset["warmup_steps"]]
     if preset["compile"]:
@@ -450,26 +481,12 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("the gpu preset needs CUDA")
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_config = preset["model"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir, data = tmp / "model", tmp / "rollouts.safetensors"
-        hf_config = AutoConfig.for_model(**model_config)
-        torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_config(hf_config)
-        params_for_flops = matmul_params(model)
-        model.save_pretrained(model_dir)
-        del model
-        rollouts = synthetic_rollouts(
-            preset["trajectories"],
-            preset["median_tokens"],
-            preset["max_tokens"],
-            model_config["vocab_size"],
-            args.seed,
+        model_dir, data, rollouts, params_for_flops = write_workspace(
+            tmp, preset, preset["trajectories"], args.seed
         )
-        save_rollouts(data, rollouts)
         lengths = rollouts.lengths().tolist()
 
         reference = None
