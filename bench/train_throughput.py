@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from drift_engine.data.packing import pack
 from drift_engine.data.rollouts import RolloutSet, save_rollouts
 from drift_engine.train.config import config_from_dict
 from drift_engine.train.loop import Trainer
@@ -352,9 +351,7 @@ def _recompiling_micro_batch(trainer: Trainer, micro_batches: list[list[int]]) -
     compile."""
 
     def shape(indices: list[int]) -> tuple[int, int, int]:
-        batch = pack(
-            trainer.rollouts, indices, trainer.weights, max_tokens=trainer.config.data.batch_tokens
-        )
+        batch = trainer.pack_micro_batch(indices)
         return batch.num_tokens, batch.num_trajectories, batch.max_seqlen
 
     first = shape(micro_batches[0])

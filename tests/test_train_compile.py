@@ -27,7 +27,6 @@ from test_train import base_config, make_model_dir, make_rollouts
 
 from drift_engine.attention import varlen as varlen_module
 from drift_engine.cli import cli
-from drift_engine.data.packing import pack
 from drift_engine.data.rollouts import save_rollouts
 from drift_engine.errors import ConfigError
 from drift_engine.models.compile import compile_decoder_layers
@@ -120,15 +119,7 @@ def assert_same_training(compiled, eager):
 
 def packed_shapes(trainer, micro_batch: list[int]) -> tuple[int, int, int]:
     """(tokens, sequences, longest sequence) of a micro-batch as the trainer packs it."""
-    data = trainer.config.data
-    batch = pack(
-        trainer.rollouts,
-        micro_batch,
-        trainer.weights,
-        train_turns=data.train_turns,
-        loss_mode=data.loss_mode,
-        max_tokens=data.batch_tokens,
-    )
+    batch = trainer.pack_micro_batch(micro_batch)
     return batch.num_tokens, batch.cu_seqlens.numel() - 1, batch.max_seqlen
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from drift_engine.data.packing import PackingStats, pack, plan_rollouts
+from drift_engine.data.packing import PackedBatch, PackingStats, pack, plan_rollouts
 from drift_engine.data.rollouts import RolloutSet, load_rollouts, validate_rollouts
 from drift_engine.errors import ConfigError
 from drift_engine.models import apply_lora, load_model, parse_dtype, weighted_sft_loss
@@ -296,6 +296,18 @@ class Trainer:
             metrics.close()
         return TrainResult(self.state.step, last_checkpoint, record)
 
+    def pack_micro_batch(self, indices: list[int]) -> PackedBatch:
+        """The rollout rows ``indices`` packed as this trainer trains them."""
+        data = self.config.data
+        return pack(
+            self.rollouts,
+            indices,
+            self.weights,
+            train_turns=data.train_turns,
+            loss_mode=data.loss_mode,
+            max_tokens=data.batch_tokens,
+        )
+
     def train_step(self, step_batches: list[list[int]]) -> dict[str, Any]:
         """One optimizer step over ``step_batches`` (the step's micro-batches on all ranks,
         each a list of rollout rows); returns the step's loss, lr, grad_norm and global
@@ -305,17 +317,7 @@ class Trainer:
         data = config.data
         # Every rank packs the whole step (cheap, on the host) so that all ranks agree on
         # the token-balanced assignment without communicating.
-        packed = [
-            pack(
-                self.rollouts,
-                indices,
-                self.weights,
-                train_turns=data.train_turns,
-                loss_mode=data.loss_mode,
-                max_tokens=data.batch_tokens,
-            )
-            for indices in step_batches
-        ]
+        packed = [self.pack_micro_batch(indices) for indices in step_batches]
         batches = shard_micro_batches(packed, ctx)  # equal count per rank (padding if short)
         # Host-side counts of this rank's micro-batches, summed over ranks in one collective:
         # [normaliser, tokens, trained tokens, trajectories]. float64 keeps counts exact.
