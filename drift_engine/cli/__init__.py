@@ -7,7 +7,7 @@ and a missing optional dependency only affects the command that needs it. User e
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 
 import click
