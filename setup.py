@@ -1,7 +1,7 @@
-"""Packaging: the Triton kernels in kernels/ install as the subpackage drift_engine.kernels.
+"""Packaging: the Triton kernels are the subpackage drift_engine.kernels (drift_engine/kernels/).
 
-drift_engine/kernels is a relative symlink to ../kernels, so the source tree imports the
-same way as an installed package (PYTHONPATH=., legacy or modern editable installs).
+They live inside the package, so the wheel, an editable install (any editable mode) and the
+source tree (PYTHONPATH=.) import them the same way, with no path mapping or link.
 
 There is no native extension: every op has a Triton and a pure-PyTorch path, and a C++/CUDA
 piece is only worth adding where it wins a benchmark against them.
@@ -9,12 +9,7 @@ piece is only worth adding where it wins a benchmark against them.
 
 from setuptools import find_packages, setup
 
-packages = sorted(
-    set(find_packages(include=["drift_engine", "drift_engine.*"])) | {"drift_engine.kernels"}
-)
-
 setup(
-    packages=packages,
-    package_dir={"drift_engine.kernels": "kernels"},
+    packages=find_packages(include=["drift_engine", "drift_engine.*"]),
     package_data={"drift_engine": ["py.typed"]},
 )

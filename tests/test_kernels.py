@@ -1,21 +1,21 @@
-"""Triton backend of the fused losses (drift_engine.kernels) against a float64 reference.
+"""Triton backend of the fused losses (drift_engine.kernels) against the float64 reference.
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py), in fp32 and fp16;
 bf16 and the 64-bit-offset test need CUDA. Each error is bounded by PyTorch's own error on
-the same inputs in the same dtype (dense logits, fp32 softmax) plus a small margin.
+the same inputs in the same dtype (dense logits, fp32 softmax) plus a small margin; both the
+truth and PyTorch's result come from drift_engine.ops.reference. The launchers take plain
+numbers; the cases keep them as keyword dicts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+
 from drift_engine.kernels import _chunking
 from drift_engine.kernels.cross_entropy import ce_forward, resolve_schedule
 from drift_engine.kernels.logprobs import logprobs_backward, logprobs_forward
-
-from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
+from drift_engine.ops.reference import cross_entropy_reference, logprobs_reference, reference_logits
 
 IGNORE = -100
 # Margin on top of 2x PyTorch's own relative error, per dtype.
@@ -43,57 +43,53 @@ def _make_inputs(n, h, v, dtype, device, *, bias=False, ignored_frac=0.2, seed=0
     )
 
 
-def _ce_dense(hidden, weight, bias, labels, coef, opts, compute_dtype):
-    """Dense loss in autograd: logits in the inputs' dtype, the rest in compute_dtype.
+def _leaves(logits_dtype, *tensors):
+    """Fresh leaves: float64 for the truth (so its gradients are not rounded), else as given."""
+    cast = (lambda t: t.double()) if logits_dtype is None else (lambda t: t)
+    return [cast(t).detach().clone().requires_grad_() if t is not None else None for t in tensors]
 
-    With float64 inputs this is the truth; with low-precision inputs and compute_dtype
-    fp32 it is what PyTorch itself gets (the error budget the kernels are held to).
-    """
-    leaves = [
-        t.detach().clone().requires_grad_() if t is not None else None
-        for t in (hidden, weight, bias)
-    ]
+
+def _grads(objective, leaves):
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(objective, present))
+    return [next(grads) if t is not None else None for t in leaves]
+
+
+# The launchers' loss options that the reference knows (chunk_size and schedule are not).
+_LOSS_KEYS = ("label_smoothing", "z_loss", "softcap")
+
+
+def _ce_dense(hidden, weight, bias, labels, coef, options, logits_dtype):
+    """(loss per row, lse, grads of Σ coef·loss) from the dense reference: float64 with
+    ``logits_dtype=None`` (the truth), PyTorch's own path with ``logits_dtype=float32``."""
+    loss_options = {k: options[k] for k in _LOSS_KEYS if k in options}
+    leaves = _leaves(logits_dtype, hidden, weight, bias)
     h, w, b = leaves
-    x = h @ w.T
-    if b is not None:
-        x = x + b
-    s = x.to(compute_dtype)
-    if opts.softcap is not None:
-        s = opts.softcap * torch.tanh(s / opts.softcap)
-    lse = torch.logsumexp(s, dim=-1)
-    valid = labels != opts.ignore_index
-    s_target = s.gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    eps = opts.label_smoothing
-    loss = (1 - eps) * (lse - s_target) + eps * (lse - s.mean(-1)) + opts.z_loss * lse**2
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    (loss * coef.to(compute_dtype)).sum().backward()
-    grads = [t.grad if t is not None else None for t in leaves]
-    return (loss.detach(), lse.detach(), *grads)
+    common = dict(bias=b, ignore_index=IGNORE, logits_dtype=logits_dtype, **loss_options)
+    loss = cross_entropy_reference(h, w, labels, reduction="none", **common)
+    total = cross_entropy_reference(h, w, labels, token_weights=coef, reduction="sum", **common)
+    softcap = loss_options.get("softcap")
+    lse = torch.logsumexp(
+        reference_logits(h, w, b, softcap=softcap, logits_dtype=logits_dtype), dim=-1
+    )
+    return (loss.detach(), lse.detach(), *_grads(total, leaves))
 
 
-def _logprobs_dense(hidden, weight, bias, labels, grad_lp, grad_ent, opts, compute_dtype):
-    leaves = [
-        t.detach().clone().requires_grad_() if t is not None else None
-        for t in (hidden, weight, bias)
-    ]
+def _logprobs_dense(hidden, weight, bias, labels, grad_lp, grad_ent, temperature, logits_dtype):
+    """(logprobs, entropy, lse, grads of Σ grad_lp·logprobs + Σ grad_ent·entropy) from the
+    dense reference (float64 or PyTorch's own path, as in _ce_dense)."""
+    leaves = _leaves(logits_dtype, hidden, weight, bias)
     h, w, b = leaves
-    x = h @ w.T
-    if b is not None:
-        x = x + b
-    s = x.to(compute_dtype) / opts.temperature
-    logp = torch.log_softmax(s, dim=-1)
-    lse = torch.logsumexp(s, dim=-1)
-    valid = labels != opts.ignore_index
-    lp = torch.where(valid, logp.gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
-    ent = -(logp.exp() * logp).sum(-1)
+    out = logprobs_reference(
+        h, w, labels, temperature=temperature, bias=b, logits_dtype=logits_dtype
+    )
+    lse = torch.logsumexp(reference_logits(h, w, b, logits_dtype=logits_dtype) / temperature, -1)
     total = 0.0
     if grad_lp is not None:
-        total = total + (lp * grad_lp.to(compute_dtype)).sum()
+        total = total + (out.logprobs * grad_lp.to(out.logprobs.dtype)).sum()
     if grad_ent is not None:
-        total = total + (ent * grad_ent.to(compute_dtype)).sum()
-    total.backward()
-    grads = [t.grad if t is not None else None for t in leaves]
-    return (lp.detach(), ent.detach(), lse.detach(), *grads)
+        total = total + (out.entropy * grad_ent.to(out.entropy.dtype)).sum()
+    return (out.logprobs.detach(), out.entropy.detach(), lse.detach(), *_grads(total, leaves))
 
 
 def _rel_err(actual, truth):
@@ -114,19 +110,13 @@ def _check_close(name, actual, truth, same_dtype, dtype):
     assert err <= bound, f"{name}: rel. error {err:.3e} > bound {bound:.3e}"
 
 
-def _run_ce_case(n, h, v, dtype, device, opts, *, bias=False, ignored_frac=0.2, seed=0):
+def _run_ce_case(n, h, v, dtype, device, options, *, bias=False, ignored_frac=0.2, seed=0):
     hidden, weight, b, labels, coef = _make_inputs(
         n, h, v, dtype, device, bias=bias, ignored_frac=ignored_frac, seed=seed
     )
-    out = ce_forward(hidden, weight, b, labels, opts, coef)
-    truth = _ce_dense(
-        *(t.double() if t is not None else None for t in (hidden, weight, b)),
-        labels,
-        coef.double(),
-        opts,
-        torch.float64,
-    )
-    same = _ce_dense(hidden, weight, b, labels, coef, opts, torch.float32)
+    out = ce_forward(hidden, weight, b, labels, coef, ignore_index=IGNORE, **options)
+    truth = _ce_dense(hidden, weight, b, labels, coef, options, None)
+    same = _ce_dense(hidden, weight, b, labels, coef, options, torch.float32)
     names = ["loss", "lse", "grad_hidden", "grad_weight", "grad_bias"]
     for name, a, t, s in zip(names, out, truth, same, strict=True):
         if t is None:
@@ -150,74 +140,71 @@ def _run_ce_case(n, h, v, dtype, device, opts, *, bias=False, ignored_frac=0.2, 
 
 CE_CASES = {
     # name: (N, H, V, options, bias)
-    "plain-V-prime": (37, 24, 101, CrossEntropyOptions(), False),
+    "plain-V-prime": (37, 24, 101, {}, False),
     "all-options": (
         29,
         20,
         67,
-        CrossEntropyOptions(label_smoothing=0.1, z_loss=1e-3, softcap=4.0),
+        dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0),
         True,
     ),
-    "multi-chunk": (45, 16, 61, CrossEntropyOptions(chunk_size=16, z_loss=1e-2), True),
+    "multi-chunk": (45, 16, 61, dict(chunk_size=16, z_loss=1e-2), True),
     "slabs": (
         33,
         20,
         131,
-        CrossEntropyOptions(schedule="vocab_slabs", label_smoothing=0.2, softcap=3.0),
+        dict(schedule="vocab_slabs", label_smoothing=0.2, softcap=3.0),
         True,
     ),
     "slabs-multi-chunk": (
         26,
         12,
         97,
-        CrossEntropyOptions(schedule="vocab_slabs", chunk_size=8, z_loss=1e-3),
+        dict(schedule="vocab_slabs", chunk_size=8, z_loss=1e-3),
         False,
     ),
-    "single-row": (1, 23, 53, CrossEntropyOptions(label_smoothing=0.05), True),
+    "single-row": (1, 23, 53, dict(label_smoothing=0.05), True),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CE_CASES))
 def test_ce_matches_reference(case, dtype, device):
-    n, h, v, opts, bias = CE_CASES[case]
+    n, h, v, options, bias = CE_CASES[case]
     # A single row must not be ignored, or the case tests nothing.
-    _run_ce_case(n, h, v, dtype, device, opts, bias=bias, ignored_frac=0.0 if n == 1 else 0.2)
+    _run_ce_case(n, h, v, dtype, device, options, bias=bias, ignored_frac=0.0 if n == 1 else 0.2)
 
 
 @pytest.mark.parametrize("schedule", ["token_chunks", "vocab_slabs"])
 def test_ce_all_ignored_gives_zeros(schedule, device):
-    opts = CrossEntropyOptions(schedule=schedule, label_smoothing=0.1, z_loss=1e-2)
+    options = dict(schedule=schedule, label_smoothing=0.1, z_loss=1e-2)
     hidden, weight, b, labels, coef = _make_inputs(9, 8, 19, torch.float32, device, bias=True)
     labels.fill_(IGNORE)
-    loss, lse, gh, gw, gb = ce_forward(hidden, weight, b, labels, opts, coef)
+    loss, lse, gh, gw, gb = ce_forward(hidden, weight, b, labels, coef, **options)
     assert torch.isfinite(lse).all()
     for t in (loss, gh, gw, gb):
         assert torch.count_nonzero(t) == 0
 
 
 def test_ce_forward_only_has_no_gradients(device):
-    opts = CrossEntropyOptions(label_smoothing=0.1, softcap=5.0, chunk_size=7)
+    options = dict(label_smoothing=0.1, softcap=5.0, chunk_size=7)
     hidden, weight, b, labels, coef = _make_inputs(20, 16, 41, torch.float32, device, bias=True)
-    loss, lse, gh, gw, gb = ce_forward(hidden, weight, b, labels, opts)
+    loss, lse, gh, gw, gb = ce_forward(hidden, weight, b, labels, **options)
     assert gh is None and gw is None and gb is None
-    truth = _ce_dense(
-        hidden.double(), weight.double(), b.double(), labels, coef.double(), opts, torch.float64
-    )
+    truth = _ce_dense(hidden, weight, b, labels, coef, options, None)
     torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-5)
 
 
 def test_ce_row_coef_scales_each_row(device):
     """Zero coefficients on half the rows: the gradients are those of the other half."""
-    opts = CrossEntropyOptions(z_loss=1e-3)
     hidden, weight, _, labels, coef = _make_inputs(
         24, 16, 37, torch.float32, device, ignored_frac=0.0
     )
     coef[::2] = 0.0
-    _, _, gh, gw, _ = ce_forward(hidden, weight, None, labels, opts, coef)
+    _, _, gh, gw, _ = ce_forward(hidden, weight, None, labels, coef, z_loss=1e-3)
     keep = coef != 0
     _, _, gh_half, gw_half, _ = ce_forward(
-        hidden[keep], weight, None, labels[keep], opts, coef[keep]
+        hidden[keep], weight, None, labels[keep], coef[keep], z_loss=1e-3
     )
     assert torch.count_nonzero(gh[~keep]) == 0
     torch.testing.assert_close(gh[keep], gh_half, rtol=1e-5, atol=1e-6)
@@ -226,25 +213,17 @@ def test_ce_row_coef_scales_each_row(device):
 
 def test_ce_schedules_agree(device):
     hidden, weight, b, labels, coef = _make_inputs(30, 16, 83, torch.float32, device, bias=True)
-    base = CrossEntropyOptions(label_smoothing=0.1, z_loss=1e-3, softcap=6.0)
-    fast = ce_forward(hidden, weight, b, labels, dataclasses.replace(base, chunk_size=11), coef)
-    lean = ce_forward(
-        hidden,
-        weight,
-        b,
-        labels,
-        dataclasses.replace(base, schedule="vocab_slabs", chunk_size=11),
-        coef,
-    )
+    base = dict(label_smoothing=0.1, z_loss=1e-3, softcap=6.0, chunk_size=11)
+    fast = ce_forward(hidden, weight, b, labels, coef, **base)
+    lean = ce_forward(hidden, weight, b, labels, coef, schedule="vocab_slabs", **base)
     for a, c in zip(fast, lean, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_schedule():
-    assert resolve_schedule(CrossEntropyOptions(), with_grad=True) == "token_chunks"
-    lean = CrossEntropyOptions(schedule="vocab_slabs")
-    assert resolve_schedule(lean, with_grad=True) == "vocab_slabs"
-    assert resolve_schedule(lean, with_grad=False) == "token_chunks"
+    assert resolve_schedule("auto", with_grad=True) == "token_chunks"
+    assert resolve_schedule("vocab_slabs", with_grad=True) == "vocab_slabs"
+    assert resolve_schedule("vocab_slabs", with_grad=False) == "token_chunks"
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -270,7 +249,6 @@ def test_logprobs_match_reference(case, dtype, device):
 def _run_logprobs_case(
     n, h, v, dtype, device, temperature, entropy, with_glp, with_gent, chunk, bias
 ):
-    opts = LogProbOptions(temperature=temperature, return_entropy=entropy, chunk_size=chunk)
     hidden, weight, b, labels, _ = _make_inputs(
         n, h, v, dtype, device, bias=bias, ignored_frac=0.0 if n == 1 else 0.2
     )
@@ -278,23 +256,14 @@ def _run_logprobs_case(
     grad_lp = torch.randn(n, generator=gen).to(device) if with_glp else None
     grad_ent = torch.randn(n, generator=gen).to(device) if with_gent else None
 
-    logprobs, ent, lse = logprobs_forward(hidden, weight, b, labels, opts)
-    grads = logprobs_backward(hidden, weight, b, labels, lse, grad_lp, grad_ent, opts)
-
-    def as64(t):
-        return t.double() if t is not None else None
-
-    truth = _logprobs_dense(
-        as64(hidden),
-        as64(weight),
-        as64(b),
-        labels,
-        as64(grad_lp),
-        as64(grad_ent),
-        opts,
-        torch.float64,
+    common = dict(temperature=temperature, ignore_index=IGNORE, chunk_size=chunk)
+    logprobs, ent, lse = logprobs_forward(
+        hidden, weight, b, labels, return_entropy=entropy, **common
     )
-    same = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, opts, torch.float32)
+    grads = logprobs_backward(hidden, weight, b, labels, lse, grad_lp, grad_ent, **common)
+
+    truth = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, temperature, None)
+    same = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, temperature, torch.float32)
     assert logprobs.dtype == lse.dtype == torch.float32
     assert torch.count_nonzero(logprobs[labels == IGNORE]) == 0
     _check_close("logprobs", logprobs, truth[0], same[0], dtype)
@@ -320,25 +289,17 @@ def test_logprobs_large_logits_over_several_blocks(device, monkeypatch):
     n, h, v = 9, 16, 101
     hidden, weight, _, labels, _ = _make_inputs(n, h, v, torch.float32, device)
     b = 40.0 + torch.linspace(0.0, 3.0, v, device=device)  # (V,) large, rising along the row
-    opts = LogProbOptions(temperature=0.8, return_entropy=True)
     gen = torch.Generator().manual_seed(2)
     grad_lp = torch.randn(n, generator=gen).to(device)
     grad_ent = torch.randn(n, generator=gen).to(device)
 
-    logprobs, ent, lse = logprobs_forward(hidden, weight, b, labels, opts)
-    grads = logprobs_backward(hidden, weight, b, labels, lse, grad_lp, grad_ent, opts)
-
-    truth = _logprobs_dense(
-        hidden.double(),
-        weight.double(),
-        b.double(),
-        labels,
-        grad_lp.double(),
-        grad_ent.double(),
-        opts,
-        torch.float64,
+    logprobs, ent, lse = logprobs_forward(
+        hidden, weight, b, labels, temperature=0.8, return_entropy=True
     )
-    same = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, opts, torch.float32)
+    grads = logprobs_backward(hidden, weight, b, labels, lse, grad_lp, grad_ent, temperature=0.8)
+
+    truth = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, 0.8, None)
+    same = _logprobs_dense(hidden, weight, b, labels, grad_lp, grad_ent, 0.8, torch.float32)
     for name, actual, t, s in zip(
         ["logprobs", "entropy", "lse", "grad_hidden", "grad_weight", "grad_bias"],
         [logprobs, ent, lse, *grads],
@@ -351,9 +312,8 @@ def test_logprobs_large_logits_over_several_blocks(device, monkeypatch):
 
 def test_logprobs_backward_without_upstream_is_zero(device):
     hidden, weight, b, labels, _ = _make_inputs(5, 8, 13, torch.float32, device, bias=True)
-    opts = LogProbOptions()
-    _, _, lse = logprobs_forward(hidden, weight, b, labels, opts)
-    for g in logprobs_backward(hidden, weight, b, labels, lse, None, None, opts):
+    _, _, lse = logprobs_forward(hidden, weight, b, labels)
+    for g in logprobs_backward(hidden, weight, b, labels, lse, None, None):
         assert torch.count_nonzero(g) == 0
 
 
@@ -411,14 +371,14 @@ def test_matmul_accumulate_keeps_fp32(dtype, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(CE_CASES))
 def test_ce_bf16_matches_reference_gpu(case):
-    n, h, v, opts, bias = CE_CASES[case]
+    n, h, v, options, bias = CE_CASES[case]
     _run_ce_case(
         n * 8,
         h * 8,
         v * 40 + 3,
         torch.bfloat16,
         torch.device("cuda"),
-        opts,
+        options,
         bias=bias,
         ignored_frac=0.2,
     )
@@ -454,45 +414,22 @@ def test_offsets_beyond_int32_gpu():
     tail = slice(n - 4, n)  # rows whose logits start beyond element 2^31
     coef.zero_()
     coef[tail] = 1.0
-    opts = CrossEntropyOptions(chunk_size=n, z_loss=1e-3)
-    loss, lse, gh, gw, _ = ce_forward(hidden, weight, None, labels, opts, coef)
-    truth = _ce_dense(
-        hidden[tail].double(),
-        weight.double(),
-        None,
-        labels[tail],
-        coef[tail].double(),
-        opts,
-        torch.float64,
-    )
-    same = _ce_dense(hidden[tail], weight, None, labels[tail], coef[tail], opts, torch.float32)
+    options = dict(chunk_size=n, z_loss=1e-3)
+    loss, lse, gh, gw, _ = ce_forward(hidden, weight, None, labels, coef, **options)
+    rows = (hidden[tail], weight, None, labels[tail], coef[tail], options)
+    truth = _ce_dense(*rows, None)
+    same = _ce_dense(*rows, torch.float32)
     _check_close("loss", loss[tail], truth[0], same[0], torch.bfloat16)
     _check_close("lse", lse[tail], truth[1], same[1], torch.bfloat16)
     _check_close("grad_hidden", gh[tail], truth[2], same[2], torch.bfloat16)
     _check_close("grad_weight", gw, truth[3], same[3], torch.bfloat16)
     del gh, gw
 
-    lp_opts = LogProbOptions(chunk_size=n, return_entropy=True)
-    logprobs, ent, lp_lse = logprobs_forward(hidden, weight, None, labels, lp_opts)
-    lp_truth = _logprobs_dense(
-        hidden[tail].double(),
-        weight.double(),
-        None,
-        labels[tail],
-        None,
-        torch.ones(4, device=device, dtype=torch.float64),
-        lp_opts,
-        torch.float64,
+    logprobs, ent, lp_lse = logprobs_forward(
+        hidden, weight, None, labels, chunk_size=n, return_entropy=True
     )
-    lp_same = _logprobs_dense(
-        hidden[tail],
-        weight,
-        None,
-        labels[tail],
-        None,
-        torch.ones(4, device=device),
-        lp_opts,
-        torch.float32,
-    )
+    lp_rows = (hidden[tail], weight, None, labels[tail], None, torch.ones(4, device=device), 1.0)
+    lp_truth = _logprobs_dense(*lp_rows, None)
+    lp_same = _logprobs_dense(*lp_rows, torch.float32)
     _check_close("logprobs", logprobs[tail], lp_truth[0], lp_same[0], torch.bfloat16)
     _check_close("entropy", ent[tail], lp_truth[1], lp_same[1], torch.bfloat16)

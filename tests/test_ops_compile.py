@@ -1,8 +1,8 @@
 """The fused ops under torch.compile(fullgraph=True), through the drift_engine custom ops.
 
 Each compiled function is checked three ways: it compiles as one graph (fullgraph), the
-graph calls the expected ``torch.ops.drift_engine`` op (so the custom-op path ran, not the
-eager autograd Function), and its value and gradients equal eager's. Shapes are small and
+graph calls the expected ``torch.ops.drift_engine`` op (the one path that eager runs too),
+and its value and gradients equal eager's. Shapes are small and
 the backend is mostly ``aot_eager`` (no code generation), so the file runs in seconds.
 """
 
@@ -15,7 +15,8 @@ from kernel_utils import requires_kernels
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from drift_engine import FusedLinearCrossEntropy, fused_linear_cross_entropy, fused_linear_logprobs
-from drift_engine.ops import FusedOpError
+from drift_engine.ops import CrossEntropyOptions, FusedOpError, LogProbOptions
+from drift_engine.ops.library import option_values
 
 NUM_TOKENS, HIDDEN, VOCAB = 37, 24, 101
 IGNORE = -100
@@ -42,14 +43,28 @@ def make_inputs(num_tokens=NUM_TOKENS, *, seed=0, device="cpu"):
     return tuple(t.to(device) for t in (hidden, weight, bias, labels, token_weights))
 
 
+def op_nodes(graphs) -> list:
+    """The calls of drift_engine ops in the captured Dynamo graphs, including those inside
+    the traced autograd Functions' forward subgraphs."""
+    return [
+        node
+        for graph in graphs
+        for module in graph.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("drift_engine.")
+    ]
+
+
+def overload(node) -> torch._ops.OpOverload:
+    """The op overload a node calls (subgraphs may call the op packet)."""
+    target = node.target
+    return target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
+
+
 def ops_called(graphs) -> set[str]:
     """Names of the drift_engine ops that the captured Dynamo graphs call."""
-    return {
-        node.target.name()
-        for graph in graphs
-        for node in graph.graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("drift_engine.")
-    }
+    return {overload(node).name() for node in op_nodes(graphs)}
 
 
 def outputs_and_grads(fn, inputs, upstreams):
@@ -87,7 +102,7 @@ CE_VARIANTS = {
         lambda h, w, b, y, tw: scalar(
             fused_linear_cross_entropy(h, w, y, token_weights=tw, bias=b, impl="torch")
         ),
-        "drift_engine::ce_loss_and_grads",
+        "drift_engine::ce_forward",
     ),
     "sum_module": (
         lambda h, w, b, y, tw: scalar(
@@ -95,7 +110,7 @@ CE_VARIANTS = {
                 h, w, y, token_weights=tw, bias=b
             )
         ),
-        "drift_engine::ce_loss_and_grads",
+        "drift_engine::ce_forward",
     ),
     "smoothing_zloss_softcap": (
         lambda h, w, b, y, tw: scalar(
@@ -112,7 +127,7 @@ CE_VARIANTS = {
                 chunk_size=16,
             )
         ),
-        "drift_engine::ce_loss_and_grads",
+        "drift_engine::ce_forward",
     ),
     "none": (
         lambda h, w, b, y, tw: scalar(
@@ -120,7 +135,7 @@ CE_VARIANTS = {
                 h, w, y, token_weights=tw, bias=b, reduction="none", softcap=4.0, impl="torch"
             )
         ),
-        "drift_engine::ce_row_losses",
+        "drift_engine::ce_forward",
     ),
 }
 
@@ -154,7 +169,7 @@ def test_logprobs_and_entropy_match_eager(temperature):
 
     gen = torch.Generator().manual_seed(2)
     upstreams = (torch.randn(NUM_TOKENS, generator=gen), torch.randn(NUM_TOKENS, generator=gen))
-    compare_with_eager(fn, upstreams, "drift_engine::logprobs")
+    compare_with_eager(fn, upstreams, "drift_engine::logprobs_forward")
 
 
 def test_logprobs_without_entropy_match_eager():
@@ -163,7 +178,7 @@ def test_logprobs_without_entropy_match_eager():
         assert out.entropy is None
         return ((out.logprobs * token_weights).sum(),)
 
-    compare_with_eager(fn, (torch.tensor(1.3),), "drift_engine::logprobs")
+    compare_with_eager(fn, (torch.tensor(1.3),), "drift_engine::logprobs_forward")
 
 
 def test_evaluation_without_grad_skips_the_gradient_op():
@@ -179,7 +194,7 @@ def test_evaluation_without_grad_skips_the_gradient_op():
     with torch.no_grad():
         actual = compiled(hidden.requires_grad_(), weight, labels, token_weights)
         expected = fn(hidden, weight, labels, token_weights)
-    assert ops_called(counter.graphs) == {"drift_engine::ce_row_losses"}
+    assert ops_called(counter.graphs) == {"drift_engine::ce_forward"}
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
     assert not actual.requires_grad
 
@@ -231,8 +246,8 @@ def test_dynamic_number_of_tokens_does_not_recompile():
     assert frames[0] >= 1 and frames[1] == frames[0]
 
 
-# Each path reaches a different op: the scalar loss with gradients (ce_loss_and_grads),
-# evaluation and "none" (ce_row_losses), log-probs (logprobs).
+# Each path reaches the ops differently: the scalar loss with gradients (ce_forward with
+# row_coef), evaluation and "none" (ce_forward without), log-probs (logprobs_forward).
 CHECKED_PATHS = {
     "mean_with_grad": dict(requires_grad=True, reduction="mean"),
     "mean_evaluation": dict(requires_grad=False, reduction="mean"),
@@ -309,48 +324,51 @@ def test_triton_impl_through_the_custom_op():
     upstream = (torch.tensor(0.37, device=device),)
     outputs, grads = outputs_and_grads(compiled, inputs, upstream)
     expected_outputs, expected_grads = outputs_and_grads(fn, inputs, upstream)
-    (node,) = [
-        node
-        for graph in counter.graphs
-        for node in graph.graph.nodes
-        if node.target is OPS.ce_loss_and_grads.default
-    ]
+    (node,) = [n for n in op_nodes(counter.graphs) if overload(n) is OPS.ce_forward.default]
     assert "triton" in node.args
     assert_same(outputs, expected_outputs, "loss")
     assert_same(grads, expected_grads, "grad")
 
 
 def _opcheck_cases():
-    hidden, weight, bias, labels, token_weights = make_inputs()
-    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    options = (IGNORE, 0.1, 1e-3, 4.0, 16, "auto", "torch")
+    # The ops carry no autograd formula (the autograd Functions of drift_engine.ops.autograd
+    # differentiate them), so they are checked on inputs that do not require grad.
+    h, w, b, labels, token_weights = make_inputs()
+    ce = option_values(
+        CrossEntropyOptions(
+            label_smoothing=0.1, z_loss=1e-3, softcap=4.0, chunk_size=16, impl="torch"
+        )
+    )
+    ce_sum = option_values(CrossEntropyOptions(reduction="sum", impl="torch"))
+    lp = option_values(
+        LogProbOptions(temperature=0.7, return_entropy=True, chunk_size=16, impl="torch")
+    )
+    lp_plain = option_values(LogProbOptions(impl="torch"))
     grad_rows = torch.randn(NUM_TOKENS)
-    lse = torch.logsumexp(hidden @ weight.T + bias, dim=1)
+    row_coef = torch.rand(NUM_TOKENS)
+    lse = torch.logsumexp((h @ w.T + b) / 0.7, dim=1)
     return {
-        "ce_loss_and_grads": (
-            OPS.ce_loss_and_grads.default,
-            (h, w, b, labels, token_weights, "mean", *options, True),
+        "ce_forward_with_grads": (
+            OPS.ce_forward.default,
+            (h, w, b, labels, token_weights, row_coef, *ce),
         ),
-        "ce_loss_and_grads_no_bias": (
-            OPS.ce_loss_and_grads.default,
-            (h, w, None, labels, None, "sum", *options, True),
+        "ce_forward_with_grads_no_bias": (
+            OPS.ce_forward.default,
+            (h, w, None, labels, None, row_coef, *ce_sum),
         ),
-        "ce_row_losses": (
-            OPS.ce_row_losses.default,
-            (h, w, b, labels, token_weights, *options, True),
-        ),
-        "ce_row_losses_backward": (
-            OPS.ce_row_losses_backward.default,
-            (grad_rows, hidden, weight, bias, labels, *options),
-        ),
-        "logprobs": (OPS.logprobs.default, (h, w, b, labels, 0.7, True, IGNORE, 16, "torch", True)),
-        "logprobs_no_entropy": (
-            OPS.logprobs.default,
-            (h, w, None, labels, 1.0, False, IGNORE, None, "torch", True),
+        "ce_forward_rows": (OPS.ce_forward.default, (h, w, b, labels, token_weights, None, *ce)),
+        "logprobs_forward": (OPS.logprobs_forward.default, (h, w, b, labels, *lp)),
+        "logprobs_forward_no_entropy": (
+            OPS.logprobs_forward.default,
+            (h, w, None, labels, *lp_plain),
         ),
         "logprobs_backward": (
             OPS.logprobs_backward.default,
-            (hidden, weight, bias, labels, lse, grad_rows, None, 0.7, IGNORE, 16, "torch"),
+            (h, w, b, labels, lse, grad_rows, None, *lp),
+        ),
+        "logprobs_backward_entropy_no_bias": (
+            OPS.logprobs_backward.default,
+            (h, w, None, labels, lse, None, grad_rows, *lp),
         ),
     }
 

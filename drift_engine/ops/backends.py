@@ -1,62 +1,159 @@
-"""The backend functions behind the fused ops, and the per-row coefficients of the loss.
+"""The two backends behind the fused ops, and the one place that chooses between them.
 
-Shared by the eager autograd Functions (cross_entropy.py, logprobs.py) and the custom ops
-that torch.compile traces (library.py), so both paths run the same code.
+``resolve_impl`` turns ``impl`` ("auto", "triton", "torch") and the tensors' device into
+the backend that runs; ``ce_forward``, ``logprobs_forward`` and ``logprobs_backward`` run
+it: the chunked PyTorch functions of torch_impl.py, which read the options object, or the
+Triton launchers of drift_engine.kernels, which take plain numbers. Only the custom ops of
+library.py call these, so eager and torch.compile run the same code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from types import ModuleType
 
 import torch
 
-from drift_engine.ops import validation
-from drift_engine.ops.options import CrossEntropyOptions
+from drift_engine.ops import torch_impl
+from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
+from drift_engine.ops.validation import FusedOpError, check_impl
 
-CeForward = Callable[..., tuple]
-
-
-def ce_forward_of(impl: str) -> CeForward:
-    """``ce_forward`` of the resolved backend, "torch" or "triton"."""
-    if impl == "triton":
-        return validation.import_kernel_module("cross_entropy").ce_forward
-    from drift_engine.ops import torch_impl
-
-    return torch_impl.ce_forward
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def logprobs_functions_of(impl: str) -> tuple[Callable, Callable]:
-    """(logprobs_forward, logprobs_backward) of the resolved backend."""
-    if impl == "triton":
-        module = validation.import_kernel_module("logprobs")
-    else:
-        from drift_engine.ops import torch_impl as module
-    return module.logprobs_forward, module.logprobs_backward
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The backend that runs: "torch" or "triton".
+
+    "auto" picks Triton for CUDA tensors when triton is installed, and the chunked PyTorch
+    backend otherwise. "triton" on CPU tensors needs the Triton interpreter
+    (TRITON_INTERPRET=1, set before drift_engine.kernels is imported).
+    """
+    check_impl(impl)
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if not _triton_available():
+        raise FusedOpError(
+            "impl='triton' needs the triton package, which is not importable here; install "
+            "triton or pass impl='torch' (or impl='auto' to choose automatically)"
+        )
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FusedOpError(
+            f"impl='triton' runs on CUDA tensors, got tensors on {device}; move them to a GPU, "
+            "pass impl='torch', or set TRITON_INTERPRET=1 before importing drift_engine to run "
+            "the kernels in Triton's (slow) interpreter"
+        )
+    return "triton"
 
 
-def masked_token_weights(
+_TRITON_AVAILABLE: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_AVAILABLE = False
+        else:
+            _TRITON_AVAILABLE = True
+    return _TRITON_AVAILABLE
+
+
+def _kernels(name: str) -> ModuleType:
+    """``drift_engine.kernels.cross_entropy`` or ``.logprobs``, imported on first use (they
+    import triton), with a clear error if that fails."""
+    try:
+        if name == "cross_entropy":
+            from drift_engine.kernels import cross_entropy as module
+        else:
+            from drift_engine.kernels import logprobs as module
+    except ImportError as error:
+        raise FusedOpError(
+            f"impl='triton' could not import drift_engine.kernels.{name} ({error}); pass "
+            "impl='torch' to use the PyTorch backend"
+        ) from error
+    return module
+
+
+def ce_forward(
+    hidden: torch.Tensor,  # (N, H) contiguous
+    weight: torch.Tensor,  # (V, H) contiguous
+    bias: torch.Tensor | None,  # (V,)
     labels: torch.Tensor,  # (N,) int64
-    token_weights: torch.Tensor | None,  # (N,)
-    ignore_index: int,
-) -> torch.Tensor:
-    """(N,) fp32 token weights, 0 on ignored rows (1 elsewhere when none are given)."""
-    valid = labels != ignore_index
-    if token_weights is None:
-        return valid.float()
-    return torch.where(valid, token_weights.float(), 0.0)
-
-
-def row_coefficients(
-    labels: torch.Tensor,  # (N,) int64
-    token_weights: torch.Tensor | None,  # (N,)
+    row_coef: torch.Tensor | None,  # (N,) fp32
     opts: CrossEntropyOptions,
-) -> torch.Tensor:
-    """(N,) fp32 coefficient of each row's loss in the scalar loss: w ("sum") or w / Σw
-    ("mean"), 0 on ignored rows."""
-    weights = masked_token_weights(labels, token_weights, opts.ignore_index)
-    if opts.reduction != "mean":
-        return weights
-    total = weights.sum()
-    # An all-ignored batch has Σw = 0 and every coefficient 0: the loss and the gradients
-    # are 0 rather than 0/0 (and no host sync is needed to tell).
-    return weights / torch.where(total > 0, total, 1.0)
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(loss (N,) fp32, grad_hidden, grad_weight, grad_bias) of the backend ``opts.impl``
+    resolves to; the gradients (of Σ row_coef·loss) are None without ``row_coef``."""
+    if resolve_impl(opts.impl, hidden.device) == "torch":
+        loss, _, *grads = torch_impl.ce_forward(hidden, weight, bias, labels, opts, row_coef)
+    else:
+        loss, _, *grads = _kernels("cross_entropy").ce_forward(
+            hidden,
+            weight,
+            bias,
+            labels,
+            row_coef,
+            ignore_index=opts.ignore_index,
+            label_smoothing=opts.label_smoothing,
+            z_loss=opts.z_loss,
+            softcap=opts.softcap,
+            chunk_size=opts.chunk_size,
+            schedule=opts.schedule,
+        )
+    return (loss, *grads)
+
+
+def logprobs_forward(
+    hidden: torch.Tensor,  # (N, H) contiguous
+    weight: torch.Tensor,  # (V, H) contiguous
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64
+    opts: LogProbOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(logprobs (N,), entropy (N,) or None, lse (N,)), all fp32."""
+    if resolve_impl(opts.impl, hidden.device) == "torch":
+        return torch_impl.logprobs_forward(hidden, weight, bias, labels, opts)
+    return _kernels("logprobs").logprobs_forward(
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature=opts.temperature,
+        return_entropy=opts.return_entropy,
+        ignore_index=opts.ignore_index,
+        chunk_size=opts.chunk_size,
+    )
+
+
+def logprobs_backward(
+    hidden: torch.Tensor,  # (N, H) contiguous
+    weight: torch.Tensor,  # (V, H) contiguous
+    bias: torch.Tensor | None,  # (V,)
+    labels: torch.Tensor,  # (N,) int64
+    lse: torch.Tensor,  # (N,) fp32 from logprobs_forward
+    grad_logprobs: torch.Tensor | None,  # (N,) contiguous
+    grad_entropy: torch.Tensor | None,  # (N,) contiguous
+    opts: LogProbOptions,
+) -> Grads:
+    """Gradients of Σ grad_logprobs·logprobs + Σ grad_entropy·entropy w.r.t. hidden, weight
+    and bias (None without bias)."""
+    if resolve_impl(opts.impl, hidden.device) == "torch":
+        return torch_impl.logprobs_backward(
+            hidden, weight, bias, labels, lse, grad_logprobs, grad_entropy, opts
+        )
+    return _kernels("logprobs").logprobs_backward(
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        grad_logprobs,
+        grad_entropy,
+        temperature=opts.temperature,
+        ignore_index=opts.ignore_index,
+        chunk_size=opts.chunk_size,
+    )

@@ -1,8 +1,11 @@
 """Non-tensor options of the fused ops, as frozen dataclasses.
 
-They travel as one object through the autograd Functions and into both backends
-(`impl="torch"` in drift_engine.ops.torch_impl, `impl="triton"` in drift_engine.kernels),
-so `backward` returns a short tuple and both backends read the same fields.
+One object carries every option of a call end to end: the functional API builds it, the
+nn modules hold it, the autograd layer (autograd.py) passes it to the custom ops
+(library.py, whose schemas are generated from these fields) and both backends read it
+(``impl="torch"`` in drift_engine.ops.torch_impl, ``impl="triton"`` through
+drift_engine.ops.backends, which hands the kernels the plain numbers they need).
+Adding an option means adding a field here and reading it where it matters.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Literal
 
 Reduction = Literal["mean", "sum", "none"]
 Impl = Literal["auto", "triton", "torch"]
+Schedule = Literal["auto", "token_chunks", "vocab_slabs"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,12 @@ class CrossEntropyOptions:
     # grad of weight accumulated in fp32 across chunks), "vocab_slabs" (memory-lean: the
     # log-sum-exp first, then each vocabulary slab once, grad of weight written once;
     # 4 GEMMs), or "auto". The torch backend always uses token chunks.
-    schedule: Literal["auto", "token_chunks", "vocab_slabs"] = "auto"
+    schedule: Schedule = "auto"
+    # Backend: "triton", "torch" (chunked PyTorch, any device) or "auto" (Triton on CUDA).
+    impl: Impl = "auto"
+    # Check labels in [0, V) or ignore_index and token weights finite and >= 0 (one host
+    # synchronisation per call).
+    check_labels: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,3 +63,5 @@ class LogProbOptions:
     return_entropy: bool = False
     ignore_index: int = -100
     chunk_size: int | None = None
+    impl: Impl = "auto"
+    check_labels: bool = True

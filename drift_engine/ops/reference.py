@@ -19,23 +19,29 @@ class ReferenceLogProbs(NamedTuple):
     entropy: torch.Tensor  # (N,)
 
 
-def _dense_logits(
+def reference_logits(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
-    bias: torch.Tensor | None,  # (V,)
-    logits_dtype: torch.dtype | None,
+    bias: torch.Tensor | None = None,  # (V,)
+    *,
+    softcap: float | None = None,
+    logits_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(N, V) logits: float64 throughout by default; with ``logits_dtype``, the GEMM in the
-    inputs' dtype (PyTorch's dense path) and the result upcast to ``logits_dtype``."""
+    """(N, V) logits ``softcap(hidden @ weight.T + bias)``: float64 throughout by default;
+    with ``logits_dtype``, the GEMM in the inputs' dtype (PyTorch's dense path) and the
+    result upcast to ``logits_dtype``. Their log-sum-exp is the ``lse`` of the backends."""
     if logits_dtype is None:
         logits = hidden.double() @ weight.double().T
         if bias is not None:
             logits = logits + bias.double()
-        return logits
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return logits.to(logits_dtype)
+    else:
+        logits = hidden @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        logits = logits.to(logits_dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def cross_entropy_reference(
@@ -60,9 +66,9 @@ def cross_entropy_reference(
     "sum" = Σ w·loss, "mean" = Σ w·loss / Σ_{non-ignored} w (0 if that sum is 0),
     "none" = w·loss per row.
     """
-    logits = _dense_logits(hidden, weight, bias, logits_dtype)  # (N, V)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = reference_logits(
+        hidden, weight, bias, softcap=softcap, logits_dtype=logits_dtype
+    )  # (N, V)
     valid = labels != ignore_index  # (N,)
     safe_labels = torch.where(valid, labels, 0).long()
     lse = torch.logsumexp(logits, dim=1)  # (N,)
@@ -95,7 +101,7 @@ def logprobs_reference(
     """Dense per-token log-probabilities of ``labels`` and entropies of each row's
     distribution at ``temperature``; differentiable through autograd. Ignored rows get
     logprob 0; their entropy is still computed (as in ``LogProbOptions``)."""
-    logits = _dense_logits(hidden, weight, bias, logits_dtype) / temperature  # (N, V)
+    logits = reference_logits(hidden, weight, bias, logits_dtype=logits_dtype) / temperature
     log_probs = torch.log_softmax(logits, dim=1)  # (N, V)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0).long()
@@ -104,4 +110,4 @@ def logprobs_reference(
     return ReferenceLogProbs(torch.where(valid, target, 0.0), entropy)
 
 
-__all__ = ["ReferenceLogProbs", "cross_entropy_reference", "logprobs_reference"]
+__all__ = ["ReferenceLogProbs", "cross_entropy_reference", "logprobs_reference", "reference_logits"]

@@ -5,25 +5,29 @@ label becomes a clear `FusedOpError` instead of a device-side assert or a silent
 answer. All checks are on metadata (free) except the label-range / token-weight value check,
 which costs one host synchronisation and can be skipped with ``check_labels=False``. Under
 torch.compile the metadata checks run while tracing and the value check inside the custom
-ops (library.py), each time the graph runs.
+ops (library.py), each time the graph runs. Choosing the backend is backends.py's.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-from types import ModuleType
+from typing import get_args
 
 import torch
 
 from drift_engine.errors import DriftError
-from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
+from drift_engine.ops.options import (
+    CrossEntropyOptions,
+    Impl,
+    LogProbOptions,
+    Reduction,
+    Schedule,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLS = ("auto", "triton", "torch")
-REDUCTIONS = ("mean", "sum", "none")
-SCHEDULES = ("auto", "token_chunks", "vocab_slabs")
+IMPLS = get_args(Impl)
+REDUCTIONS = get_args(Reduction)
+SCHEDULES = get_args(Schedule)
 
 
 class FusedOpError(DriftError):
@@ -38,59 +42,6 @@ def _describe(tensor: torch.Tensor) -> str:
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise FusedOpError(f"impl={impl!r} is not one of {IMPLS}")
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The backend that runs: "torch" or "triton".
-
-    "auto" picks Triton for CUDA tensors when triton is installed, and the chunked PyTorch
-    backend otherwise. "triton" on CPU tensors needs the Triton interpreter
-    (TRITON_INTERPRET=1, set before drift_engine.kernels is imported).
-    """
-    check_impl(impl)
-    if impl == "torch":
-        return "torch"
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if not _triton_available():
-        raise FusedOpError(
-            "impl='triton' needs the triton package, which is not importable here; install "
-            "triton or pass impl='torch' (or impl='auto' to choose automatically)"
-        )
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusedOpError(
-            f"impl='triton' runs on CUDA tensors, got tensors on {device}; move them to a GPU, "
-            "pass impl='torch', or set TRITON_INTERPRET=1 before importing drift_engine to run "
-            "the kernels in Triton's (slow) interpreter"
-        )
-    return "triton"
-
-
-_TRITON_AVAILABLE: bool | None = None
-
-
-def _triton_available() -> bool:
-    global _TRITON_AVAILABLE
-    if _TRITON_AVAILABLE is None:
-        try:
-            importlib.import_module("triton")
-        except ImportError:
-            _TRITON_AVAILABLE = False
-        else:
-            _TRITON_AVAILABLE = True
-    return _TRITON_AVAILABLE
-
-
-def import_kernel_module(name: str) -> ModuleType:
-    """``drift_engine.kernels.<name>``, imported on first use, with a clear error if it
-    cannot be."""
-    try:
-        return importlib.import_module(f"drift_engine.kernels.{name}")
-    except ImportError as error:
-        raise FusedOpError(
-            f"impl='triton' could not import drift_engine.kernels.{name} ({error}); pass "
-            "impl='torch' to use the PyTorch backend"
-        ) from error
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
@@ -121,6 +72,7 @@ def check_ce_options(opts: CrossEntropyOptions) -> None:
     if opts.schedule not in SCHEDULES:
         raise FusedOpError(f"schedule={opts.schedule!r} is not one of {SCHEDULES}")
     check_chunk_size(opts.chunk_size)
+    check_impl(opts.impl)
 
 
 def check_logprob_options(opts: LogProbOptions) -> None:
@@ -129,6 +81,7 @@ def check_logprob_options(opts: LogProbOptions) -> None:
     if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, int):
         raise FusedOpError(f"ignore_index={opts.ignore_index!r} must be an int")
     check_chunk_size(opts.chunk_size)
+    check_impl(opts.impl)
 
 
 def check_linear_inputs(

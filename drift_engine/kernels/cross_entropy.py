@@ -26,25 +26,24 @@ Rows labelled ignore_index have loss 0 and zero gradient.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from drift_engine.kernels._chunking import (
     MIN_VOCAB_SLAB_BYTES,
-    TOKEN_CHUNK_BUDGET_BYTES,
     VOCAB_SLAB_BUDGET_BYTES,
+    LinearGrads,
     chunk_bounds,
     columns_per_slab,
+    linear_logits,
     matmul_accumulate,
     matmul_fp32,
     row_kernel_config,
     rows_per_chunk,
     sum_rows_fp32,
+    token_chunk_rows,
 )
-from drift_engine.ops.options import CrossEntropyOptions
 
 __all__ = ["ce_forward", "resolve_schedule"]
 
@@ -147,13 +146,17 @@ def _ce_rows_kernel(
             tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+# (ignore_index, label_smoothing, z_loss, softcap): what the row kernel needs of the loss.
+_LossOptions = tuple[int, float, float, "float | None"]
+
+
 def _launch_rows(
     logits: torch.Tensor,  # (R, C) contiguous rows
     labels: torch.Tensor,  # (R,) int64
     row_coef: torch.Tensor | None,  # (R,) fp32
     loss: torch.Tensor | None,  # (R,) fp32
     lse: torch.Tensor,  # (R,) fp32
-    opts: CrossEntropyOptions,
+    loss_options: _LossOptions,
     *,
     vocab_size: int,
     col_offset: int,
@@ -164,7 +167,7 @@ def _launch_rows(
     if num_rows == 0:
         return
     block_v, num_warps = row_kernel_config(num_cols)
-    softcap = opts.softcap
+    ignore_index, label_smoothing, z_loss, softcap = loss_options
     _ce_rows_kernel[(num_rows,)](
         logits,
         logits.stride(0),
@@ -175,12 +178,12 @@ def _launch_rows(
         num_cols,
         col_offset,
         vocab_size,
-        opts.ignore_index,
-        float(opts.label_smoothing),
-        float(opts.z_loss),
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None,
-        HAS_SMOOTHING=opts.label_smoothing != 0.0,
+        HAS_SMOOTHING=label_smoothing != 0.0,
         COMPUTE_LSE=compute_lse,
         WRITE_GRAD=write_grad,
         BLOCK_V=block_v,
@@ -188,24 +191,13 @@ def _launch_rows(
     )
 
 
-def _logits(
-    hidden: torch.Tensor,  # (R, H)
-    weight: torch.Tensor,  # (Vs, H)
-    bias: torch.Tensor | None,  # (Vs,)
-) -> torch.Tensor:
-    """(R, Vs) logits in the input dtype (cuBLAS accumulates in fp32, rounds once)."""
-    if bias is None:
-        return hidden @ weight.T
-    return torch.addmm(bias, hidden, weight.T)
-
-
-def resolve_schedule(opts: CrossEntropyOptions, with_grad: bool) -> str:
+def resolve_schedule(schedule: str, with_grad: bool) -> str:
     """The schedule used: "vocab_slabs" only when asked for and gradients are wanted.
 
     "auto" picks "token_chunks" (the fastest); a forward without gradients is a single
     pass over row chunks whatever the schedule.
     """
-    if with_grad and opts.schedule == "vocab_slabs":
+    if with_grad and schedule == "vocab_slabs":
         return "vocab_slabs"
     return "token_chunks"
 
@@ -215,8 +207,14 @@ def ce_forward(
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
     labels: torch.Tensor,  # (N,) int64
-    opts: CrossEntropyOptions,
     row_coef: torch.Tensor | None = None,  # (N,) fp32
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    schedule: str = "auto",
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -229,18 +227,26 @@ def ce_forward(
 
     Returns ``(loss (N,) fp32, lse (N,) fp32, grad_hidden, grad_weight, grad_bias)``;
     the gradients are None without ``row_coef`` and otherwise in their inputs' dtypes.
+    ``chunk_size`` is the rows of logits per chunk (None: from a byte budget); ``schedule``
+    is "token_chunks", "vocab_slabs" or "auto" (= "token_chunks").
     """
     num_rows = hidden.shape[0]
     loss = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+    loss_options = (ignore_index, label_smoothing, z_loss, softcap)
+    rows = token_chunk_rows(num_rows, weight.shape[0], hidden.element_size(), chunk_size)
     if row_coef is None:
-        _ce_token_chunks(hidden, weight, bias, labels, opts, None, loss, lse)
+        _ce_token_chunks(hidden, weight, bias, labels, None, loss, lse, loss_options, rows)
         return loss, lse, None, None, None
     row_coef = row_coef.to(torch.float32).contiguous()
-    if resolve_schedule(opts, with_grad=True) == "vocab_slabs":
-        grads = _ce_vocab_slabs(hidden, weight, bias, labels, opts, row_coef, loss, lse)
+    if resolve_schedule(schedule, with_grad=True) == "vocab_slabs":
+        grads = _ce_vocab_slabs(
+            hidden, weight, bias, labels, row_coef, loss, lse, loss_options, chunk_size
+        )
     else:
-        grads = _ce_token_chunks(hidden, weight, bias, labels, opts, row_coef, loss, lse)
+        grads = _ce_token_chunks(
+            hidden, weight, bias, labels, row_coef, loss, lse, loss_options, rows
+        )
     return (loss, lse, *grads)
 
 
@@ -249,73 +255,42 @@ def _ce_token_chunks(
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
     labels: torch.Tensor,  # (N,)
-    opts: CrossEntropyOptions,
     row_coef: torch.Tensor | None,  # (N,) fp32, None for forward only
     loss: torch.Tensor,  # (N,) fp32 out
     lse: torch.Tensor,  # (N,) fp32 out
+    loss_options: _LossOptions,
+    chunk_rows: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Row chunks over the full vocabulary: logits GEMM, row kernel, and (with
     ``row_coef``) the two gradient GEMMs reading the grad-logits from the same buffer."""
-    num_rows, _ = hidden.shape
+    num_rows = hidden.shape[0]
     vocab_size = weight.shape[0]
     with_grad = row_coef is not None
-    chunk_rows = opts.chunk_size or rows_per_chunk(
-        num_rows, vocab_size * hidden.element_size(), TOKEN_CHUNK_BUDGET_BYTES
-    )
     chunks = chunk_bounds(num_rows, chunk_rows)
-
-    grad_hidden = torch.empty_like(hidden) if with_grad else None  # (N, H)
-    grad_weight_acc = None  # (V, H) fp32, only when several chunks accumulate
-    grad_weight = None
-    grad_bias_acc = None  # (V,) fp32
+    grads = LinearGrads(hidden, weight, bias, len(chunks)) if with_grad else None
 
     for start, end in chunks:
-        logits = _logits(hidden[start:end], weight, bias)  # (C, V) input dtype
+        logits = linear_logits(hidden[start:end], weight, bias)  # (C, V) input dtype
         _launch_rows(
             logits,
             labels[start:end],
             row_coef[start:end] if with_grad else None,
             loss[start:end],
             lse[start:end],
-            opts,
+            loss_options,
             vocab_size=vocab_size,
             col_offset=0,
             compute_lse=True,
             write_grad=with_grad,
         )
-        if not with_grad:
-            # Release this chunk's logits before the next chunk's GEMM allocates its own.
-            del logits
-            continue
-        grad_logits = logits  # (C, V): overwritten in place by the row kernel
-        torch.mm(grad_logits, weight, out=grad_hidden[start:end])  # (C, H)
-        if len(chunks) == 1:
-            grad_weight = grad_logits.T @ hidden  # (V, H), written once
-        elif grad_weight_acc is None:
-            grad_weight_acc = matmul_fp32(grad_logits.T, hidden[start:end])
-        else:
-            matmul_accumulate(grad_weight_acc, grad_logits.T, hidden[start:end])
-        if bias is not None:
-            chunk_grad_bias = sum_rows_fp32(grad_logits)  # (V,) fp32
-            if grad_bias_acc is None:
-                grad_bias_acc = chunk_grad_bias
-            else:
-                grad_bias_acc += chunk_grad_bias
-        del logits, grad_logits
+        if with_grad:
+            grads.add(start, end, logits)  # the row kernel overwrote logits with grad-logits
+        # Release this chunk's logits before the next chunk's GEMM allocates its own.
+        del logits
 
-    if not with_grad:
+    if grads is None:
         return None, None, None
-    if num_rows == 0:
-        grad_weight = torch.zeros_like(weight)
-    elif grad_weight is None:
-        grad_weight = grad_weight_acc.to(weight.dtype)
-        del grad_weight_acc
-    grad_bias = None
-    if bias is not None:
-        grad_bias = (
-            torch.zeros_like(bias) if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)
-        )
-    return grad_hidden, grad_weight, grad_bias
+    return grads.result()
 
 
 def _ce_vocab_slabs(
@@ -323,10 +298,11 @@ def _ce_vocab_slabs(
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
     labels: torch.Tensor,  # (N,)
-    opts: CrossEntropyOptions,
     row_coef: torch.Tensor,  # (N,) fp32
     loss: torch.Tensor,  # (N,) fp32 out
     lse: torch.Tensor,  # (N,) fp32 out
+    loss_options: _LossOptions,
+    chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Memory-lean schedule: pass 1 computes loss and lse over row chunks (forward GEMM
     only); pass 2 recomputes each vocabulary slab's logits for all rows, turns them into
@@ -341,10 +317,10 @@ def _ce_vocab_slabs(
     grad_state_bytes = vocab_size * hidden_size * elt + num_rows * hidden_size * (
         elt + (4 if low_precision else 0)
     )
-    if opts.chunk_size:
-        pass1_rows = opts.chunk_size
+    if chunk_size:
+        pass1_rows = chunk_size
         slab_cols = columns_per_slab(
-            vocab_size, max(1, num_rows) * elt, opts.chunk_size * vocab_size * elt
+            vocab_size, max(1, num_rows) * elt, chunk_size * vocab_size * elt
         )
     else:
         pass1_rows = rows_per_chunk(
@@ -357,8 +333,7 @@ def _ce_vocab_slabs(
 
     # Pass 1: loss and lse (the normaliser every slab's softmax needs), in row chunks no
     # larger than the gradient state pass 2 allocates, so pass 1 never sets the peak.
-    pass1_opts = dataclasses.replace(opts, chunk_size=pass1_rows)
-    _ce_token_chunks(hidden, weight, bias, labels, pass1_opts, None, loss, lse)
+    _ce_token_chunks(hidden, weight, bias, labels, None, loss, lse, loss_options, pass1_rows)
 
     # Pass 2: one vocabulary slab of all rows at a time.
     grad_weight = torch.empty_like(weight)  # (V, H), each slab written once
@@ -368,14 +343,14 @@ def _ce_vocab_slabs(
     for v_start, v_end in chunk_bounds(vocab_size, slab_cols):
         weight_slab = weight[v_start:v_end]  # (Vs, H)
         bias_slab = bias[v_start:v_end] if bias is not None else None
-        logits = _logits(hidden, weight_slab, bias_slab)  # (N, Vs) input dtype
+        logits = linear_logits(hidden, weight_slab, bias_slab)  # (N, Vs) input dtype
         _launch_rows(
             logits,
             labels,
             row_coef,
             None,
             lse,
-            opts,
+            loss_options,
             vocab_size=vocab_size,
             col_offset=v_start,
             compute_lse=False,

@@ -24,15 +24,12 @@ import triton
 import triton.language as tl
 
 from drift_engine.kernels._chunking import (
-    TOKEN_CHUNK_BUDGET_BYTES,
+    LinearGrads,
     chunk_bounds,
-    matmul_accumulate,
-    matmul_fp32,
+    linear_logits,
     row_kernel_config,
-    rows_per_chunk,
-    sum_rows_fp32,
+    token_chunk_rows,
 )
-from drift_engine.ops.options import LogProbOptions
 
 __all__ = ["logprobs_forward", "logprobs_backward"]
 
@@ -161,29 +158,16 @@ def _logprobs_bwd_kernel(
         tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _chunk_rows(opts: LogProbOptions, num_rows: int, weight: torch.Tensor) -> int:
-    return opts.chunk_size or rows_per_chunk(
-        num_rows, weight.shape[0] * weight.element_size(), TOKEN_CHUNK_BUDGET_BYTES
-    )
-
-
-def _logits(
-    hidden: torch.Tensor,  # (C, H)
-    weight: torch.Tensor,  # (V, H)
-    bias: torch.Tensor | None,  # (V,)
-) -> torch.Tensor:
-    """(C, V) raw logits in the input dtype (temperature is applied in the kernels)."""
-    if bias is None:
-        return hidden @ weight.T
-    return torch.addmm(bias, hidden, weight.T)
-
-
 def logprobs_forward(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
     labels: torch.Tensor,  # (N,) int64
-    opts: LogProbOptions,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(logprobs (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32)``; lse is of the
     tempered logits and is what ``logprobs_backward`` needs."""
@@ -191,11 +175,10 @@ def logprobs_forward(
     device = hidden.device
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
     lse = torch.empty(num_rows, dtype=torch.float32, device=device)
-    entropy = (
-        torch.empty(num_rows, dtype=torch.float32, device=device) if opts.return_entropy else None
-    )
-    for start, end in chunk_bounds(num_rows, _chunk_rows(opts, num_rows, weight)):
-        logits = _logits(hidden[start:end], weight, bias)  # (C, V)
+    entropy = torch.empty(num_rows, dtype=torch.float32, device=device) if return_entropy else None
+    rows = token_chunk_rows(num_rows, weight.shape[0], weight.element_size(), chunk_size)
+    for start, end in chunk_bounds(num_rows, rows):
+        logits = linear_logits(hidden[start:end], weight, bias)  # (C, V) raw, untempered
         block_v, num_warps = row_kernel_config(logits.shape[1])
         _logprobs_fwd_kernel[(end - start,)](
             logits,
@@ -205,8 +188,8 @@ def logprobs_forward(
             entropy[start:end] if entropy is not None else lse[start:end],
             lse[start:end],
             logits.shape[1],
-            opts.ignore_index,
-            1.0 / float(opts.temperature),
+            ignore_index,
+            1.0 / float(temperature),
             HAS_ENTROPY=entropy is not None,
             BLOCK_V=block_v,
             num_warps=num_warps,
@@ -223,7 +206,10 @@ def logprobs_backward(
     lse: torch.Tensor,  # (N,) fp32 from logprobs_forward
     grad_logprobs: torch.Tensor | None,  # (N,) upstream gradient of logprobs
     grad_entropy: torch.Tensor | None,  # (N,) upstream gradient of entropy
-    opts: LogProbOptions,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``Σ grad_logprobs·logprobs + Σ grad_entropy·entropy`` w.r.t. hidden,
     weight and bias (None for a None bias), in their inputs' dtypes. Chunk logits are
@@ -239,15 +225,11 @@ def logprobs_backward(
         grad_logprobs = grad_logprobs.to(torch.float32).contiguous()
     if grad_entropy is not None:
         grad_entropy = grad_entropy.to(torch.float32).contiguous()
-    chunks = chunk_bounds(num_rows, _chunk_rows(opts, num_rows, weight))
-
-    grad_hidden = torch.empty_like(hidden)  # (N, H)
-    grad_weight = None  # (V, H) when one chunk covers all rows
-    grad_weight_acc = None  # (V, H) fp32 across several chunks
-    grad_bias_acc = None  # (V,) fp32
+    rows = token_chunk_rows(num_rows, weight.shape[0], weight.element_size(), chunk_size)
+    chunks = chunk_bounds(num_rows, rows)
+    grads = LinearGrads(hidden, weight, bias, len(chunks))
     for start, end in chunks:
-        hidden_chunk = hidden[start:end]  # (C, H)
-        logits = _logits(hidden_chunk, weight, bias)  # (C, V)
+        logits = linear_logits(hidden[start:end], weight, bias)  # (C, V)
         block_v, num_warps = row_kernel_config(logits.shape[1])
         _logprobs_bwd_kernel[(end - start,)](
             logits,
@@ -257,37 +239,13 @@ def logprobs_backward(
             grad_logprobs[start:end] if grad_logprobs is not None else lse[start:end],
             grad_entropy[start:end] if grad_entropy is not None else lse[start:end],
             logits.shape[1],
-            opts.ignore_index,
-            1.0 / float(opts.temperature),
+            ignore_index,
+            1.0 / float(temperature),
             HAS_GRAD_LOGPROB=grad_logprobs is not None,
             HAS_GRAD_ENTROPY=grad_entropy is not None,
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
-        grad_logits = logits  # (C, V), overwritten in place
-        torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-        if len(chunks) == 1:
-            grad_weight = grad_logits.T @ hidden_chunk  # (V, H), written once
-        elif grad_weight_acc is None:
-            grad_weight_acc = matmul_fp32(grad_logits.T, hidden_chunk)
-        else:
-            matmul_accumulate(grad_weight_acc, grad_logits.T, hidden_chunk)
-        if bias is not None:
-            chunk_grad_bias = sum_rows_fp32(grad_logits)
-            grad_bias_acc = (
-                chunk_grad_bias if grad_bias_acc is None else grad_bias_acc + chunk_grad_bias
-            )
-        del logits, grad_logits
-
-    if grad_weight is None:
-        grad_weight = (
-            grad_weight_acc.to(weight.dtype)
-            if grad_weight_acc is not None
-            else torch.zeros_like(weight)
-        )
-    grad_bias = None
-    if bias is not None:
-        grad_bias = (
-            grad_bias_acc.to(bias.dtype) if grad_bias_acc is not None else torch.zeros_like(bias)
-        )
-    return grad_hidden, grad_weight, grad_bias
+        grads.add(start, end, logits)  # the kernel overwrote logits with grad-logits
+        del logits
+    return grads.result()

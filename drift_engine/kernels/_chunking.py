@@ -1,15 +1,21 @@
-"""Shared pieces of the Triton loss launchers: chunk sizing and fp32-accumulating GEMMs.
+"""Shared pieces of the Triton loss launchers: chunk sizing, the GEMMs, row-kernel config.
 
 The launchers in ``cross_entropy.py`` and ``logprobs.py`` leave the three large GEMMs of
 a linear loss (logits, grad of hidden, grad of weight) to cuBLAS and fuse everything
 row-wise in Triton. What they share lives here:
 
 * how many logit rows (or vocabulary columns) are materialised at once, from a byte
-  budget, so that the largest temporary has a known size;
+  budget, so that the largest temporary has a known size (``token_chunk_rows`` is the one
+  policy of the token-chunk loops);
+* ``linear_logits``, the logits GEMM of a chunk, and ``LinearGrads``, the two gradient
+  GEMMs of a chunk's grad-logits with grad of weight accumulated in fp32 across chunks;
 * ``matmul_accumulate``: ``acc (fp32) += a @ b`` for low-precision ``a``/``b``, using
   cuBLAS's fp32-output GEMM where the running torch has it, so an accumulator spread over
   chunks never rounds to bf16/fp16 between chunks;
 * the row-kernel launch configuration (block size and warps per row).
+
+Plain tensors and numbers in, plain tensors out: nothing here imports the rest of
+drift_engine.
 """
 
 from __future__ import annotations
@@ -58,6 +64,16 @@ def rows_per_chunk(num_rows: int, row_bytes: int, budget_bytes: int) -> int:
     # Round up to a tile multiple when that still fits the budget; otherwise keep `rows`.
     rounded = math.ceil(rows / ROW_MULTIPLE) * ROW_MULTIPLE
     return min(rounded, num_rows) if rounded <= max_rows else rows
+
+
+def token_chunk_rows(
+    num_rows: int, vocab_size: int, element_size: int, chunk_size: int | None
+) -> int:
+    """Rows of (rows, V) logits per chunk: ``chunk_size`` when given, otherwise as many as
+    fit TOKEN_CHUNK_BUDGET_BYTES."""
+    if chunk_size:
+        return chunk_size
+    return rows_per_chunk(num_rows, vocab_size * element_size, TOKEN_CHUNK_BUDGET_BYTES)
 
 
 def columns_per_slab(num_columns: int, column_bytes: int, budget_bytes: int) -> int:
@@ -139,3 +155,72 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def sum_rows_fp32(x: torch.Tensor) -> torch.Tensor:
     """Column sums of a (R, C) matrix in fp32: the bias gradient of a chunk."""
     return x.sum(dim=0, dtype=torch.float32)
+
+
+def linear_logits(
+    hidden: torch.Tensor,  # (R, H)
+    weight: torch.Tensor,  # (Vs, H)
+    bias: torch.Tensor | None,  # (Vs,)
+) -> torch.Tensor:
+    """(R, Vs) logits ``hidden @ weight.T + bias`` in the input dtype (cuBLAS accumulates
+    in fp32 and rounds once)."""
+    if bias is None:
+        return hidden @ weight.T
+    return torch.addmm(bias, hidden, weight.T)
+
+
+class LinearGrads:
+    """Gradients of hidden, weight and bias of ``hidden @ weight.T + bias``, gathered from
+    the grad-logits of row chunks.
+
+    Each chunk writes its rows of grad_hidden once. grad of weight is one GEMM written once
+    when a single chunk covers every row, otherwise an fp32 accumulator across chunks
+    rounded once at the end; grad of bias is an fp32 column sum.
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,  # (N, H)
+        weight: torch.Tensor,  # (V, H)
+        bias: torch.Tensor | None,  # (V,)
+        num_chunks: int,
+    ) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.single_chunk = num_chunks == 1
+        self.grad_hidden = torch.empty_like(hidden)  # (N, H), rows written chunk by chunk
+        self.grad_weight: torch.Tensor | None = None  # (V, H) input dtype, one chunk only
+        self.grad_weight_acc: torch.Tensor | None = None  # (V, H) fp32, several chunks
+        self.grad_bias_acc: torch.Tensor | None = None  # (V,) fp32
+
+    def add(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        """Back-propagate rows [start, end) of the grad-logits (end - start, V)."""
+        hidden_chunk = self.hidden[start:end]  # (C, H)
+        torch.mm(grad_logits, self.weight, out=self.grad_hidden[start:end])  # (C, H)
+        if self.single_chunk:
+            self.grad_weight = grad_logits.T @ hidden_chunk  # (V, H), written once
+        elif self.grad_weight_acc is None:
+            self.grad_weight_acc = matmul_fp32(grad_logits.T, hidden_chunk)
+        else:
+            matmul_accumulate(self.grad_weight_acc, grad_logits.T, hidden_chunk)
+        if self.bias is not None:
+            chunk_grad_bias = sum_rows_fp32(grad_logits)  # (V,) fp32
+            if self.grad_bias_acc is None:
+                self.grad_bias_acc = chunk_grad_bias
+            else:
+                self.grad_bias_acc += chunk_grad_bias
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(grad_hidden, grad_weight, grad_bias or None) in the inputs' dtypes; zeros for the
+        weight's and bias's when no chunk was added (no rows)."""
+        grad_weight = self.grad_weight
+        if grad_weight is None:
+            acc, self.grad_weight_acc = self.grad_weight_acc, None
+            grad_weight = (
+                torch.zeros_like(self.weight) if acc is None else acc.to(self.weight.dtype)
+            )
+            del acc
+        grad_bias = None
+        if self.bias is not None:
+            acc, self.grad_bias_acc = self.grad_bias_acc, None
+            grad_bias = torch.zeros_like(self.bias) if acc is None else acc.to(self.bias.dtype)
+        return self.grad_hidden, grad_weight, grad_bias
