@@ -8,6 +8,8 @@ the backend is mostly ``aot_eager`` (no code generation), so the file runs in se
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
@@ -377,3 +379,23 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    "op, options_type, num_tensors",
+    [
+        (OPS.ce_forward.default, CrossEntropyOptions, 6),
+        (OPS.logprobs_forward.default, LogProbOptions, 4),
+        (OPS.logprobs_backward.default, LogProbOptions, 7),
+    ],
+)
+def test_op_schemas_are_the_options_fields(op, options_type, num_tensors):
+    """The options travel through each op as its fields, in order: a field added to the
+    dataclass reaches the op (and the backends) with no other edit."""
+    arguments = op._schema.arguments
+    assert all("Tensor" in str(a.type) for a in arguments[:num_tensors])
+    assert not any("Tensor" in str(a.type) for a in arguments[num_tensors:])
+    names = [a.name for a in arguments[num_tensors:]]
+    assert names == [field.name for field in dataclasses.fields(options_type)]
+    opts = options_type(chunk_size=7, impl="torch", check_labels=False)
+    assert options_type(*option_values(opts)) == opts

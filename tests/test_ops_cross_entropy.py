@@ -16,7 +16,7 @@ from kernel_utils import requires_kernels
 
 from drift_engine import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from drift_engine.errors import DriftError
-from drift_engine.ops import FusedOpError
+from drift_engine.ops import CrossEntropyOptions, FusedOpError
 from drift_engine.ops.reference import cross_entropy_reference
 
 IGNORE = -100
@@ -327,9 +327,17 @@ def test_module_wrapper_matches_functional():
     )
     actual = module(hidden, weight, labels, token_weights=token_weights, bias=bias)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert module.options == CrossEntropyOptions(
+        reduction="sum", label_smoothing=0.1, softcap=5.0, impl="torch"
+    )
     assert "reduction='sum'" in repr(module)
+    # An options object, optionally overridden by keywords, serves as well.
+    from_options = FusedLinearCrossEntropy(module.options, reduction="none")
+    assert from_options.options.reduction == "none" and from_options.options.softcap == 5.0
     with pytest.raises(FusedOpError, match="reduction"):
         FusedLinearCrossEntropy(reduction="avg")
+    with pytest.raises(FusedOpError, match="impl"):
+        FusedLinearCrossEntropy(impl="cuda")
 
 
 def _valid_call():

@@ -224,8 +224,10 @@ def linear_cross_entropy(
     # Evaluation: one pass without the gradient GEMMs (no input needs autograd here).
     hidden, weight, bias, labels, token_weights, _ = args
     row_coef = row_coefficients(labels, token_weights, opts)  # (N,) fp32
-    loss = OPS.ce_forward(hidden, weight, bias, labels, token_weights, None, *option_values(opts))
-    return (row_coef * loss[0]).sum()
+    loss, *_ = OPS.ce_forward(
+        hidden, weight, bias, labels, token_weights, None, *option_values(opts)
+    )
+    return (row_coef * loss).sum()
 
 
 def linear_logprobs(
