@@ -151,8 +151,11 @@ class TrainConfig:
     device: str = "auto"
     # "auto": DDP/FSDP decided by the distributed layer when launched with torchrun
     strategy: Strategy = "auto"
-    # show the progress bar (on the main rank)
+    # show the progress bar (on the main rank); without it, a plain log line every 30 s
     progress: bool = True
+    # experiment trackers that also get the metrics: "tensorboard" (out/tensorboard),
+    # "wandb", "mlflow"; metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     weighting: WeightingSection = field(default_factory=WeightingSection)
@@ -228,6 +231,9 @@ class TrainConfig:
         if c.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps must be >= 0, got {c.every_steps}")
         _positive(c.keep_last, "checkpoint.keep_last")
+        from drift_engine.train.metrics import check_report_to
+
+        check_report_to(self.report_to)
         return self
 
 
