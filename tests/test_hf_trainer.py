@@ -148,3 +148,24 @@ def test_collator_and_trainer_reject_bad_input(tmp_path):
                 "labels": torch.tensor([f["labels"] for f in feats]),
             },
         ).train()
+
+
+def test_evaluate_reports_the_weighted_loss(tmp_path):
+    rows = make_rows(LENGTHS, seed=5)
+    model = make_model("mistral")
+    expected = reference_loss(clone_model(model), rows, "weighted")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = DriftTrainer(
+        model=model,
+        args=args,
+        eval_dataset=rows,
+        data_collator=DriftDataCollator(),
+        loss_mode="weighted",
+        loss_impl="torch",
+    )
+    for prediction_loss_only in (True, False):
+        trainer.args.prediction_loss_only = prediction_loss_only
+        metrics = trainer.evaluate()
+        assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)

@@ -64,3 +64,23 @@ def test_sft_trainer_trains_with_weighted_fused_loss(tmp_path):
     assert len(losses) == 2
     assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_sft_packing_is_refused(tmp_path):
+    from drift_engine.errors import ConfigError
+
+    tokenizer = make_chat_tokenizer()
+    tokenizer.pad_token = "<|endoftext|>"
+    import transformers
+
+    config = transformers.Qwen2Config(**{**SMALL, "vocab_size": len(tokenizer)})
+    rows = datasets.Dataset.from_list([{"prompt": "a", "completion": " b", "weights": 1.0}])
+    args = trl.SFTConfig(output_dir=str(tmp_path), packing=True, report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match="packing/padding_free would merge rows"):
+        DriftSFTTrainer(
+            model=load_model(config, dtype=torch.float32),
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            data_collator=DriftDataCollator(),
+        )

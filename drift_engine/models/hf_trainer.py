@@ -163,6 +163,12 @@ class DriftLossMixin:
         self.drift_weights_key = weights_key
         self.drift_token_weights_key = token_weights_key
         self.drift_loss_impl = loss_impl
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if any(getattr(training_args, k, False) for k in ("packing", "padding_free")):  # TRL
+            raise ConfigError(
+                "packing/padding_free would merge rows and lose their weights; turn them off: "
+                "the padding is removed before the model runs anyway (rows are packed per batch)"
+            )
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ConfigError(
