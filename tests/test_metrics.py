@@ -117,7 +117,9 @@ def test_train_cli_reports_to_tensorboard(tmp_path):
     config = tmp_path / "train.toml"
     config.write_text("progress = false\n")  # plain log lines instead of the bar
     result = CliRunner().invoke(
-        cli, [*args, "--config", str(config), "--report-to", "tensorboard"], catch_exceptions=False
+        cli,
+        [*args, "--config", str(config), "--report-to", "tensorboard, none"],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     assert "step 1/2 | loss " in result.output and "step 2/2 | loss " in result.output

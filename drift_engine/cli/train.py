@@ -126,7 +126,9 @@ def build_config(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
 )
 @click.option(
     "--report-to",
-    callback=lambda ctx, param, value: None if value is None else value.split(","),
+    callback=lambda ctx, param, value: (
+        None if value is None else [n.strip() for n in value.split(",") if n.strip()]
+    ),
     help="Also send metrics to these trackers, comma-separated: tensorboard, wandb, mlflow.",
 )
 def train(config_file: str | None, **flags: Any) -> None:
