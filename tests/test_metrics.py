@@ -140,3 +140,71 @@ def test_train_cli_reports_to_tensorboard(tmp_path):
         "error: report_to: unknown tracker 'neptune' (known: tensorboard, wandb, mlflow, none)"
     ]
     assert math.isfinite(lines[-1]["loss"])
+
+
+def test_evaluation_during_training(tmp_path):
+    from test_rollout import PROBLEMS, save_tiny_model
+    from transformers import AutoTokenizer
+
+    from drift_engine.data.rollouts import RolloutSet, tokenizer_fingerprint
+    from drift_engine.envs import load_environment
+    from drift_engine.evaluate import evaluate_multi_at_k
+    from drift_engine.rollout.hf import HFEngine
+    from drift_engine.train.loop import train
+
+    model = save_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(4, len(tokenizer), (n,), generator=g).tolist() for n in (9, 12, 7, 10)]
+    turns = [[0] * (n - 4) + [1] * 4 for n in (9, 12, 7, 10)]
+    rollouts = RolloutSet.from_trajectories(
+        tokens, turns, [0, 0, 1, 1], [[1.0], [0.0], [0.0], [1.0]],
+        metadata=tokenizer_fingerprint(tokenizer),
+    )  # fmt: skip
+    data = tmp_path / "rollouts.safetensors"
+    save_rollouts(data, rollouts)
+    problems = tmp_path / "held_out.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    config = config_from_dict(
+        {
+            "out": str(tmp_path / "run"),
+            "progress": False,
+            "device": "cpu",
+            "report_to": ["tensorboard"],
+            "data": {"path": str(data), "batch_tokens": 24, "max_steps": 3, "epochs": 3},
+            "model": {"name_or_path": str(model), "dtype": "float32"},
+            "optim": {"lr": 1e-2},
+            "eval": {
+                "problems": str(problems),
+                "env": "math",
+                "every_steps": 2,
+                "max_turns": 2,
+                "max_new_tokens": 4,
+            },
+        }  # fmt: skip
+    ).validate()
+    result = train(config)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in lines if "eval_multi_at_1" in r]
+    assert evaluated == [2, 3]  # every 2 steps, and after the last
+    # The last evaluation is the final model's multi@k, as drift-engine eval computes it.
+    final = evaluate_multi_at_k(
+        HFEngine.from_pretrained(str(result.checkpoint), device="cpu"),
+        tokenizer,
+        load_environment("math"),
+        [json.loads(x) for x in problems.read_text().splitlines()],
+        2,
+        max_new_tokens=4,
+    )
+    assert [lines[-1]["eval_multi_at_1"], lines[-1]["eval_multi_at_2"]] == [
+        final.at(1),
+        final.at(2),
+    ]
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in scalars["train/eval_multi_at_2"]] == [2, 3]
+
+    with pytest.raises(ConfigError, match="eval.env is not set"):
+        config_from_dict(
+            {"out": "o", "data": {"path": "d"}, "model": {"name_or_path": "m"},
+             "eval": {"problems": "p.jsonl"}}
+        ).validate()  # fmt: skip

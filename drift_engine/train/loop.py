@@ -59,6 +59,7 @@ from drift_engine.train.metrics import (
     MetricsWriter,
     ProgressBar,
     Throughput,
+    TrainingEvaluation,
     weight_stats,
 )
 from drift_engine.train.schedule import build_scheduler
@@ -277,6 +278,7 @@ class Trainer:
         progress.write(
             f"epoch {self.state.epoch}: {self.epoch_plan(self.state.epoch).stats.summary()}"
         )
+        evaluation = TrainingEvaluation.create(config.eval, self.tokenizer, self.compute_dtype)
         throughput = Throughput()
         last_checkpoint: Path | None = None
         record: dict[str, Any] | None = None
@@ -298,6 +300,9 @@ class Trainer:
                 }
                 if epoch_start:
                     record["packing_efficiency"] = self.epoch_plan(epoch).stats.efficiency
+                if evaluation is not None and evaluation.due(self.state.step, self.total_steps):
+                    record.update(evaluation(unwrap_model(self.model)))
+                    throughput.restart()
                 metrics.write(record)
                 progress.update(record["loss"], tokens_per_s, record["lr"])
                 if every and self.state.step % every == 0 and self.state.step < self.total_steps:

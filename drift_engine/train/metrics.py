@@ -165,6 +165,10 @@ class Throughput:
     def __init__(self) -> None:
         self._last = time.perf_counter()
 
+    def restart(self) -> None:
+        """Time the next step from now (after work that is not training, e.g. evaluation)."""
+        self._last = time.perf_counter()
+
     def step(self, tokens: int) -> tuple[float, float]:
         """Record a finished step of ``tokens`` tokens; return (step tokens/s, seconds)."""
         now = time.perf_counter()
@@ -198,6 +202,63 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class TrainingEvaluation:
+    """multi@k of the model being trained on held-out problems (``TrainConfig.eval``): greedy
+    multi-turn episodes, as ``drift-engine eval`` runs them, every ``every_steps`` optimizer
+    steps and after the last one. Every rank runs it (the same greedy episodes, so sharded
+    models stay in step); the metrics are ``eval_multi_at_1`` … ``eval_multi_at_K``."""
+
+    def __init__(self, section: Any, tokenizer: Any, compute_dtype: torch.dtype):
+        from drift_engine.envs import load_environment, load_problems
+
+        if tokenizer is None:
+            raise ConfigError(
+                "eval.problems is set but the model folder has no tokenizer; evaluation needs "
+                "the tokenizer and its chat template"
+            )
+        self.section = section
+        self.tokenizer = tokenizer
+        self.compute_dtype = compute_dtype
+        self.env = load_environment(section.env)
+        self.problems = load_problems(section.problems, env=self.env, limit=section.limit)
+
+    @classmethod
+    def create(
+        cls, section: Any, tokenizer: Any, compute_dtype: torch.dtype
+    ) -> TrainingEvaluation | None:
+        """The evaluation of ``section`` (a TrainConfig.eval), or None when it is off."""
+        return cls(section, tokenizer, compute_dtype) if section.problems else None
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.section.every_steps == 0 or step == total_steps
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        """Evaluate ``model`` (left in training mode after); returns the metrics."""
+        from drift_engine.evaluate import evaluate_multi_at_k
+        from drift_engine.rollout.hf import HFEngine
+
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        device = next(model.parameters()).device
+        try:
+            with torch.autocast(
+                device.type,
+                dtype=self.compute_dtype,
+                enabled=self.compute_dtype != torch.float32,
+            ):
+                result = evaluate_multi_at_k(
+                    HFEngine(model, pad_token_id=pad or 0),
+                    self.tokenizer,
+                    self.env,
+                    self.problems,
+                    self.section.max_turns,
+                    max_new_tokens=self.section.max_new_tokens,
+                )
+        finally:
+            model.train()
+        return {f"eval_multi_at_{k}": result.at(k) for k in range(1, result.max_turns + 1)}
 
 
 class _LogLines:
