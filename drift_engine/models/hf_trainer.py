@@ -146,7 +146,8 @@ class DriftLossMixin:
     Evaluation batches are normalised by their own count.
     """
 
-    # transformers >= 5.2x: compute_loss already normalises over the accumulated step
+    # Read by training_step in transformers releases that have it (5.24 does, 5.17 not):
+    # compute_loss already normalises over the accumulated step.
     loss_is_scaled_for_ga = True
 
     def __init__(
