@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -208,3 +210,66 @@ def test_evaluation_during_training(tmp_path):
             {"out": "o", "data": {"path": "d"}, "model": {"name_or_path": "m"},
              "eval": {"problems": "p.jsonl"}}
         ).validate()  # fmt: skip
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_wandb_and_mlflow_calls(tmp_path, monkeypatch):
+    """The trackers' calls, on stand-ins that record them (neither package is installed
+    here): one run per training run, resumed under the same wandb id, metrics per step."""
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("wandb.log", data, step))
+
+        def finish(self):
+            calls.append(("wandb.finish",))
+
+    def init(**kwargs):
+        calls.append(("wandb.init", kwargs))
+        return Run()
+
+    _fake_module(
+        monkeypatch,
+        "wandb",
+        init=init,
+        util=types.SimpleNamespace(generate_id=iter(["abc123", "other"]).__next__),
+    )
+    _fake_module(
+        monkeypatch,
+        "mlflow",
+        set_experiment=lambda name: calls.append(("mlflow.set_experiment", name)),
+        start_run=lambda run_name: calls.append(("mlflow.start_run", run_name)),
+        log_params=lambda params: calls.append(("mlflow.log_params", params)),
+        log_metrics=lambda metrics, step: calls.append(("mlflow.log_metrics", metrics, step)),
+        end_run=lambda: calls.append(("mlflow.end_run",)),
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {"seed": 3, "optim": {"lr": 0.1}}
+    with MetricsWriter(run_dir, report_to=["wandb", "mlflow"], run_config=config) as writer:
+        writer.write({"step": 1, "loss": 2.0, "note": "x"})
+    with MetricsWriter(run_dir, resume_step=1, report_to=["wandb"], run_config=config) as writer:
+        writer.write({"step": 2, "loss": 1.0})
+    inits = [c[1] for c in calls if c[0] == "wandb.init"]
+    assert [(i["id"], i["resume"], i["name"], i["config"]) for i in inits] == [
+        ("abc123", "allow", "run", config)
+    ] * 2
+    assert [c for c in calls if c[0] == "wandb.log"] == [
+        ("wandb.log", {"train/loss": 2.0}, 1),
+        ("wandb.log", {"train/loss": 1.0}, 2),
+    ]
+    assert ("mlflow.log_params", {"seed": 3, "optim.lr": 0.1}) in calls
+    assert ("mlflow.log_metrics", {"train/loss": 2.0}, 1) in calls
+    assert calls.count(("wandb.finish",)) == 2 and calls.count(("mlflow.end_run",)) == 1
