@@ -83,15 +83,18 @@ class _PerForwardCache:
         self._entries: list[tuple[weakref.ref, int, Any]] = []
 
     def get(self, source: torch.Tensor) -> Any:
+        if source.is_inference():  # no version counter: never cached
+            return None
         for ref, version, value in self._entries:
             if ref() is source and source._version == version:
                 return value
         return None
 
     def put(self, source: torch.Tensor, value: Any) -> Any:
-        self._entries = [(weakref.ref(source), source._version, value)] + self._entries[
-            : self._SIZE - 1
-        ]
+        if not source.is_inference():
+            self._entries = [(weakref.ref(source), source._version, value)] + self._entries[
+                : self._SIZE - 1
+            ]
         return value
 
 

@@ -40,6 +40,7 @@ _FLAG_KEYS = {
     "lora_r": "model.lora.r",
     "device": "device",
     "strategy": "strategy",
+    "report_to": "report_to",
 }
 
 
@@ -122,6 +123,13 @@ def build_config(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
     "--strategy",
     type=click.Choice(["auto", "none", "ddp", "fsdp"]),
     help="Multi-process strategy under torchrun (default auto).",
+)
+@click.option(
+    "--report-to",
+    callback=lambda ctx, param, value: (
+        None if value is None else [n.strip() for n in value.split(",") if n.strip()]
+    ),
+    help="Also send metrics to these trackers, comma-separated: tensorboard, wandb, mlflow.",
 )
 def train(config_file: str | None, **flags: Any) -> None:
     """Importance-weighted SFT on a rollouts file (packed, fused loss).

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from drift_engine.attention.varlen import cu_seqlens_from_lengths
+from drift_engine.data.packing import _check_loss_mode
 from drift_engine.errors import ConfigError, DriftError
 
 IGNORE_INDEX = -100
@@ -213,6 +214,34 @@ def weighted_sft_loss(
     return loss_sum / normalizer
 
 
+def padded_targets(
+    labels: torch.Tensor,  # (B, L) Hugging Face layout: aligned with input_ids
+    attention_mask: torch.Tensor | None,  # (B, L)
+) -> torch.Tensor:  # (B, L): the label each position predicts, -100 where none
+    """Next-token targets aligned with the positions that predict them (padding ignored)."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(~attention_mask.to(labels.device, torch.bool), IGNORE_INDEX)
+    return targets
+
+
+def padded_normalizer_term(
+    labels: torch.Tensor,  # (B, L)
+    attention_mask: torch.Tensor | None,  # (B, L)
+    weights: torch.Tensor,  # (B,)
+    loss_mode: str = "trajectory",
+) -> torch.Tensor:  # scalar fp32, on the labels' device
+    """A padded batch's share of its optimizer step's loss normaliser (see
+    :func:`padded_weighted_sft_loss`): its row count, Σ weights, or trained-token count."""
+    _check_loss_mode(loss_mode)
+    if loss_mode == "trajectory":
+        return torch.tensor(float(labels.shape[0]), device=labels.device)
+    if loss_mode == "weighted":
+        return weights.to(labels.device, torch.float32).sum()
+    return (padded_targets(labels, attention_mask) != IGNORE_INDEX).sum().to(torch.float32)
+
+
 def padded_weighted_sft_loss(
     model: torch.nn.Module,
     input_ids: torch.Tensor,  # (B, L) int64
@@ -221,21 +250,31 @@ def padded_weighted_sft_loss(
     weights: torch.Tensor,  # (B,) importance weight of each trajectory
     *,
     position_ids: torch.Tensor | None = None,  # (B, L); default: 0.. over each row's real tokens
+    token_weights: torch.Tensor | None = None,  # (B, L) aligned with labels; default all 1
+    loss_mode: str = "trajectory",
     normalizer: float | torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """DRIFT's loss for a padded batch (the reference trainer's layout), without logits.
 
     ``labels`` follow the Hugging Face convention (aligned with ``input_ids``; the model
-    predicts ``labels[:, t+1]`` at position ``t``). Trajectory ``b``'s loss is the mean
-    cross-entropy over its trained tokens times ``weights[b]``; the result is the sum over
-    trajectories divided by ``normalizer`` (default ``B``: the mean over trajectories).
-    Trajectories without trained tokens contribute 0 (and still count in the default
-    normaliser).
+    predicts ``labels[:, t+1]`` at position ``t``). With ``n_b`` the trained-token count of
+    row ``b`` and ``u_bt`` the optional per-token weights (aligned with ``labels``), row
+    ``b``'s loss is ``ℓ_b = Σ_t u_bt·CE_bt / n_b``, and the result, by ``loss_mode``
+    (the names of ``drift-engine train --loss-mode``), is
+
+    - "trajectory" (DRIFT): ``Σ_b w_b·ℓ_b / normalizer``, normaliser default ``B``;
+    - "weighted": the same sum, normaliser default ``Σ_b w_b``;
+    - "token": ``Σ_b,t w_b·u_bt·CE_bt / normalizer``, normaliser default ``Σ_b n_b``.
+
+    Pass ``normalizer=`` a count global to the optimizer step (see
+    :func:`padded_normalizer_term`) to make gradient accumulation exact. Rows without trained
+    tokens contribute 0 (and still count in the "trajectory" normaliser).
 
     The padding is removed before the model runs: the real tokens of all rows are packed
     into one row (each row one sequence), so no compute is spent on padding.
     """
+    _check_loss_mode(loss_mode)
     batch_size, length = input_ids.shape
     if labels.shape != input_ids.shape:
         raise DriftError(
@@ -247,20 +286,29 @@ def padded_weighted_sft_loss(
             f"weights must hold one importance weight per trajectory, shape ({batch_size},); "
             f"got {tuple(weights.shape)}"
         )
+    if token_weights is not None and token_weights.shape != input_ids.shape:
+        raise DriftError(
+            f"token_weights have shape {tuple(token_weights.shape)} but input_ids "
+            f"{tuple(input_ids.shape)}; give one weight per label (aligned with labels)"
+        )
     device = input_ids.device
     if attention_mask is None:
         keep = torch.ones(batch_size, length, dtype=torch.bool, device=device)
     else:
         keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, L)
 
-    # Next-token targets, aligned with the positions that predict them.
-    targets = torch.full_like(labels, IGNORE_INDEX)  # (B, L)
-    targets[:, :-1] = labels[:, 1:]
-    targets = targets.masked_fill(~keep, IGNORE_INDEX)
+    targets = padded_targets(labels.to(device), keep)  # (B, L)
     trained = targets != IGNORE_INDEX  # (B, L)
     counts = trained.sum(dim=1)  # (B,)
-    per_token = weights.to(device=device, dtype=torch.float32) / counts.clamp_min(1)  # (B,)
-    token_weights = torch.where(trained, per_token[:, None], 0.0)  # (B, L) fp32
+    per_row = weights.to(device=device, dtype=torch.float32)  # (B,)
+    if loss_mode != "token":
+        per_row = per_row / counts.clamp_min(1)
+    coef = per_row[:, None].expand(batch_size, length)  # (B, L)
+    if token_weights is not None:
+        shifted = torch.zeros(batch_size, length, dtype=torch.float32, device=device)
+        shifted[:, :-1] = token_weights[:, 1:].to(device, torch.float32)
+        coef = coef * shifted
+    coef = torch.where(trained, coef, 0.0)  # (B, L) fp32
 
     lengths = keep.sum(dim=1)  # (B,)
     flat_keep = keep.reshape(-1).nonzero().squeeze(1)  # (T,) real tokens, row-major
@@ -278,10 +326,14 @@ def padded_weighted_sft_loss(
         bias,
         softcap,
         targets.reshape(-1)[flat_keep],
-        token_weights.reshape(-1)[flat_keep],
+        coef.reshape(-1)[flat_keep],
         impl=impl,
     )
-    return loss_sum / (batch_size if normalizer is None else normalizer)
+    if normalizer is None:
+        normalizer = padded_normalizer_term(labels, keep, weights, loss_mode)
+        if loss_mode != "trajectory":  # Σw or the token count can be 0
+            normalizer = normalizer.to(loss_sum.device).clamp_min(torch.finfo(torch.float32).tiny)
+    return loss_sum / normalizer
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -295,15 +347,19 @@ def hf_trainer_loss(
     inputs: Mapping[str, torch.Tensor],
     *,
     weights_key: str = "weights",
+    token_weights_key: str = "token_weights",
+    loss_mode: str = "trajectory",
     normalizer: float | torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """:func:`padded_weighted_sft_loss` for a Hugging Face ``Trainer.compute_loss``.
+    """:func:`padded_weighted_sft_loss` of a Hugging Face ``Trainer`` batch.
 
     ``inputs`` is the Trainer's batch: ``input_ids``, ``attention_mask`` (optional),
-    ``labels``, ``position_ids`` (optional) and the per-trajectory weights under
-    ``weights_key``. A wrapper with ``.module`` (DDP) is called through its own forward, so
-    its gradient synchronisation runs as usual. See docs/embedding.md.
+    ``labels``, ``position_ids`` (optional), the per-trajectory weights under
+    ``weights_key`` and optional per-token weights under ``token_weights_key``. A wrapper
+    with ``.module`` (DDP) is called through its own forward, so its gradient
+    synchronisation runs as usual. ``drift_engine.models.DriftTrainer`` calls it with the
+    step's normaliser; see docs/embedding.md.
     """
     missing = [k for k in ("input_ids", "labels", weights_key) if k not in inputs]
     if missing:
@@ -321,6 +377,8 @@ def hf_trainer_loss(
             inputs["labels"],
             inputs[weights_key],
             position_ids=inputs.get("position_ids"),
+            token_weights=inputs.get(token_weights_key),
+            loss_mode=loss_mode,
             normalizer=normalizer,
             impl=impl,
         )

@@ -82,6 +82,22 @@ class WeightingSection:
 
 
 @dataclass
+class EvalSection:
+    """multi@k of the model being trained on held-out problems (off while problems is "")."""
+
+    # JSONL problem file (or hf:NAME) and the environment that checks the answers
+    # (a built-in name or package.module:Class, with its default options)
+    problems: str = ""
+    env: str = ""
+    # evaluate every this many optimizer steps, and after the last step
+    every_steps: int = 100
+    max_turns: int = 5
+    max_new_tokens: int = 512
+    # evaluate the first this many problems (None: all)
+    limit: int | None = None
+
+
+@dataclass
 class LoraSection:
     """LoRA through peft; r = 0 trains all parameters."""
 
@@ -151,8 +167,12 @@ class TrainConfig:
     device: str = "auto"
     # "auto": DDP/FSDP decided by the distributed layer when launched with torchrun
     strategy: Strategy = "auto"
-    # show the progress bar (on the main rank)
+    # show the progress bar (on the main rank); without it, a plain log line every 30 s
     progress: bool = True
+    # experiment trackers that also get the metrics: "tensorboard" (out/tensorboard),
+    # "wandb", "mlflow"; metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=list)
+    eval: EvalSection = field(default_factory=EvalSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     weighting: WeightingSection = field(default_factory=WeightingSection)
@@ -228,6 +248,17 @@ class TrainConfig:
         if c.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps must be >= 0, got {c.every_steps}")
         _positive(c.keep_last, "checkpoint.keep_last")
+        from drift_engine.train.metrics import check_report_to
+
+        check_report_to(self.report_to)
+        e = self.eval
+        if e.problems:
+            _require(e.env, "eval.env", "evaluating during training needs the environment")
+            _positive(e.every_steps, "eval.every_steps")
+            _positive(e.max_turns, "eval.max_turns")
+            _positive(e.max_new_tokens, "eval.max_new_tokens")
+            if e.limit is not None:
+                _positive(e.limit, "eval.limit")
         return self
 
 

@@ -54,7 +54,14 @@ from drift_engine.train.distributed import (
     shard_micro_batches,
     unwrap_model,
 )
-from drift_engine.train.metrics import METRICS_FILE, MetricsWriter, ProgressBar, Throughput
+from drift_engine.train.metrics import (
+    METRICS_FILE,
+    MetricsWriter,
+    ProgressBar,
+    Throughput,
+    TrainingEvaluation,
+    weight_stats,
+)
 from drift_engine.train.schedule import build_scheduler
 from drift_engine.weighting import WeightingConfig, weights_for
 
@@ -256,13 +263,22 @@ class Trainer:
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_info()
-        metrics = MetricsWriter(self.out_dir, resume_step=self.state.step, enabled=ctx.is_main)
+        metrics = MetricsWriter(
+            self.out_dir,
+            resume_step=self.state.step,
+            enabled=ctx.is_main,
+            report_to=config.report_to,
+            run_config=config.to_dict(),
+            log_lines=not config.progress,
+            total_steps=self.total_steps,
+        )
         progress = ProgressBar(
             self.total_steps, self.state.step, enabled=ctx.is_main and config.progress
         )
         progress.write(
             f"epoch {self.state.epoch}: {self.epoch_plan(self.state.epoch).stats.summary()}"
         )
+        evaluation = TrainingEvaluation.create(config.eval, self.tokenizer, self.compute_dtype)
         throughput = Throughput()
         last_checkpoint: Path | None = None
         record: dict[str, Any] | None = None
@@ -280,9 +296,13 @@ class Trainer:
                     **record,
                     "tokens_per_s": tokens_per_s,
                     "step_time_s": seconds,
+                    **weight_stats(self.weights, step_batches),
                 }
                 if epoch_start:
                     record["packing_efficiency"] = self.epoch_plan(epoch).stats.efficiency
+                if evaluation is not None and evaluation.due(self.state.step, self.total_steps):
+                    record.update(evaluation(unwrap_model(self.model)))
+                    throughput.restart()
                 metrics.write(record)
                 progress.update(record["loss"], tokens_per_s, record["lr"])
                 if every and self.state.step % every == 0 and self.state.step < self.total_steps:
