@@ -144,6 +144,39 @@ def test_plan_invariants_and_determinism():
         plan_micro_batches(lengths, 100, seed=0)
 
 
+def test_short_trajectories_fill_their_batches():
+    # 12-28-token trajectories at a 16k budget: a batch holds ~800 of them, more than any
+    # fixed count of trajectories per packing window would allow.
+    lengths = torch.randint(12, 29, (20_000,), generator=torch.Generator().manual_seed(1))
+    budget = 16384
+    plan = plan_micro_batches(lengths, budget, seed=3)
+    assert sorted(i for b in plan for i in b) == list(range(lengths.numel()))
+    assert all(int(lengths[b].sum()) <= budget for b in plan)
+    assert max(len(b) for b in plan) > 512
+    efficiency = int(lengths.sum()) / (len(plan) * budget)
+    assert efficiency >= 0.95
+    assert plan == plan_micro_batches(lengths, budget, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["short", "lognormal", "wide"])
+def test_efficiency_does_not_depend_on_the_window(kind):
+    g = torch.Generator().manual_seed(2)
+    budget = 4096
+    if kind == "short":
+        lengths = torch.randint(3, 9, (30_000,), generator=g)
+    elif kind == "lognormal":
+        lengths = torch.empty(6000).log_normal_(5.5, 0.7, generator=g).round().clamp(1, budget)
+    else:
+        lengths = torch.randint(1, budget // 2, (3000,), generator=g)
+    lengths = lengths.to(torch.int64)
+    lower = -(-int(lengths.sum()) // budget)  # no plan has fewer batches
+    for window_batches in (8, 64, 512):
+        plan = plan_micro_batches(lengths, budget, seed=0, window_batches=window_batches)
+        assert sorted(i for b in plan for i in b) == list(range(lengths.numel()))
+        assert all(int(lengths[b].sum()) <= budget for b in plan)
+        assert len(plan) <= lower * 1.02 + 1, (window_batches, len(plan), lower)
+
+
 def test_plan_rollouts_packs_every_token_once():
     rs = make_rollouts(num=40)
     budget = 64

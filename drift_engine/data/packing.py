@@ -330,64 +330,98 @@ def plan_micro_batches(
     budget_tokens: int,
     seed: int,
     shuffle: bool = True,
-    window: int = 512,
+    window_batches: int = 64,
 ) -> list[list[int]]:
     """Group trajectories (by index into ``lengths``) into micro-batches of at most
     ``budget_tokens`` tokens.
 
-    The trajectories are shuffled with ``seed`` (unless ``shuffle`` is False), cut into
-    windows of ``window`` consecutive trajectories, and each window is packed best-fit
-    decreasing (each trajectory, longest first, goes into the open batch it fills most
-    tightly). The batches of all windows are then shuffled with the same seed. The result
-    is random in order and composition, and identical for identical arguments.
+    The trajectories are shuffled with ``seed`` (unless ``shuffle`` is False) and cut into
+    windows of consecutive trajectories holding about ``window_batches`` budgets of tokens
+    each (so a window holds as many trajectories as its batches can take, however short
+    they are). Each window is packed best-fit decreasing (each trajectory, longest first,
+    goes into the open batch it fills most tightly); the batches a window leaves with room
+    (at most ``window_batches`` of them, the emptiest) stay open for the next window, so
+    only the last window's leftovers end under-filled. The batches are then shuffled with
+    the same seed. The result is random in order and composition, and identical for
+    identical arguments.
     """
     sizes = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
     if budget_tokens <= 0:
         raise ConfigError(f"budget_tokens must be positive, got {budget_tokens}")
-    if window <= 0:
-        raise ConfigError(f"window must be positive, got {window}")
+    if window_batches <= 0:
+        raise ConfigError(f"window_batches must be positive, got {window_batches}")
     if sizes.numel() and int(sizes.max()) > budget_tokens:
         i = int(sizes.argmax())
         raise ConfigError(
             f"trajectory {i} has {int(sizes[i])} tokens, more than the budget {budget_tokens}; "
             "plan with the truncated lengths (trajectory_windows(...).lengths) or raise the budget"
         )
+    if sizes.numel() == 0:
+        return []
     generator = torch.Generator().manual_seed(seed)
     order = (
         torch.randperm(sizes.numel(), generator=generator)
         if shuffle
         else torch.arange(sizes.numel())
     )
-    size_of = sizes.tolist()
-    batches: list[list[int]] = []
-    for w0 in range(0, len(order), window):
-        chunk = order[w0 : w0 + window].tolist()
-        batches.extend(_best_fit_decreasing(chunk, size_of, budget_tokens))
+    # Window of each trajectory (in shuffled order) from the tokens before it; then one
+    # stable sort gives every window's trajectories longest first, windows in order.
+    ordered = sizes[order]
+    before = torch.cumsum(ordered, 0) - ordered
+    window_of = torch.div(before, window_batches * budget_tokens, rounding_mode="floor")
+    key = window_of * (budget_tokens + 1) + (budget_tokens - ordered)
+    by_key = torch.sort(key, stable=True).indices
+    window_starts = torch.nonzero(torch.diff(window_of[by_key])).flatten() + 1
+    batches = _best_fit_decreasing(
+        order[by_key].tolist(),
+        sizes.tolist(),
+        window_starts.tolist(),
+        budget_tokens,
+        int(sizes.min()),
+        window_batches,
+    )
     if shuffle:
         perm = torch.randperm(len(batches), generator=generator).tolist()
         batches = [batches[i] for i in perm]
     return batches
 
 
-def _best_fit_decreasing(items: list[int], size_of: list[int], budget: int) -> list[list[int]]:
-    # Stable sort: equal lengths keep their (shuffled) order.
-    items = sorted(items, key=lambda i: -size_of[i])
+def _best_fit_decreasing(
+    items: list[int],
+    size_of: list[int],
+    window_starts: list[int],
+    budget: int,
+    smallest: int,
+    keep_open: int,
+) -> list[list[int]]:
+    """Best fit over ``items`` (each window already longest first): every item goes into the
+    open bin with the least room that holds it, else a new bin. At each window start only
+    the ``keep_open`` emptiest bins stay open; a bin with less room than ``smallest`` closes."""
     bins: list[list[int]] = []
-    free: list[int] = []  # sorted remaining capacities of the bins
+    free: list[int] = []  # sorted remaining capacities of the open bins
     owner: list[int] = []  # bin id of each entry of ``free``
-    for i in items:
+    find = bisect.bisect_left
+    starts = iter(window_starts)
+    next_start = next(starts, len(items))
+    for position, i in enumerate(items):
+        if position == next_start:
+            del free[: max(len(free) - keep_open, 0)]
+            del owner[: max(len(owner) - keep_open, 0)]
+            next_start = next(starts, len(items))
         size = size_of[i]
-        pos = bisect.bisect_left(free, size)  # tightest bin with enough room
+        pos = find(free, size)  # tightest bin with enough room
         if pos == len(free):
+            b = len(bins)
             bins.append([i])
-            remaining, b = budget - size, len(bins) - 1
+            remaining = budget - size
         else:
             b = owner.pop(pos)
             remaining = free.pop(pos) - size
             bins[b].append(i)
-        at = bisect.bisect_left(free, remaining)
-        free.insert(at, remaining)
-        owner.insert(at, b)
+        if remaining >= smallest:
+            at = find(free, remaining)
+            free.insert(at, remaining)
+            owner.insert(at, b)
     return bins
 
 
