@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
-import struct
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -66,19 +63,6 @@ _OPTIONAL = {
     "behavior_logprobs": (torch.float32, "token"),
 }
 _TENSOR_SPECS = {**_REQUIRED, **_OPTIONAL}
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 
@@ -371,17 +355,24 @@ def validate_rollouts(
     vocab_size: int | None = None,
     tokenizer: Any = None,
     train_turns: TrainTurns = "last",
+    allow_empty: bool = False,
 ) -> None:
     """Raise ``RolloutFormatError`` describing the first problem found, else return None.
 
     Checks dtypes and shapes, boundaries, turn ids against rewards, finite values, token ids
     against ``vocab_size`` (the model's embedding rows), the file's tokenizer identity
-    against ``tokenizer`` (when the file records one), and that every trajectory has a
-    trained token under ``train_turns``.
+    against ``tokenizer`` (when the file records one), that every trajectory has a trained
+    token under ``train_turns``, and, unless ``allow_empty`` (e.g. one shard of a run with
+    more shards than prompts), that there is at least one trajectory.
     """
     rs = rollouts
     _check_types_and_shapes(rs)
     S, T = rs.num_trajectories, rs.num_tokens
+    if S == 0 and not allow_empty:
+        raise RolloutFormatError(
+            "the rollout set holds no trajectories, so there is nothing to train on or merge; "
+            "roll out (or convert) again with at least one problem"
+        )
 
     cu = rs.cu_seqlens
     if int(cu[0]) != 0:
@@ -537,7 +528,7 @@ def save_rollouts(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise RolloutFormatError(f"rollout files end in .safetensors; got {str(path)!r}")
-    validate_rollouts(rollouts)
+    validate_rollouts(rollouts, allow_empty=True)
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise RolloutFormatError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -644,6 +635,7 @@ def load_rollouts(
     *,
     group_ids: GroupIdPolicy = "offset",
     validate: bool = True,
+    allow_empty: bool = False,
 ) -> RolloutSet:
     """Memory-map a rollout file.
 
@@ -653,7 +645,8 @@ def load_rollouts(
     files (a list, e.g. one per rollout process) are merged with ``group_ids``: ``"offset"``
     (default) renumbers each file's groups after the previous file's, which is right when each
     prompt group was written by one process; ``"keep"`` keeps the stored ids, for writers that
-    used global group ids. With ``validate`` (default) the structure is checked on load.
+    used global group ids. With ``validate`` (default) the structure is checked on load,
+    and a set without trajectories is refused unless ``allow_empty``.
     """
     if isinstance(path, (list, tuple)):
         if not path:
@@ -665,8 +658,19 @@ def load_rollouts(
         sets = [_read_file(f) for f in files]
         rs = sets[0] if len(sets) == 1 else RolloutSet.concat(sets, group_ids="keep")
     if validate:
-        validate_rollouts(rs)
+        try:
+            validate_rollouts(rs, allow_empty=allow_empty)
+        except RolloutFormatError as err:
+            if rs.num_trajectories:
+                raise
+            raise RolloutFormatError(f"{_describe(path)}: {err}") from None
     return rs
+
+
+def _describe(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    if isinstance(path, (list, tuple)):
+        return ", ".join(repr(str(p)) for p in path)
+    return repr(str(path))
 
 
 def _resolve_files(path: Path) -> list[Path]:
@@ -716,8 +720,15 @@ def _files_from_index(index_path: Path) -> list[Path]:
         raise RolloutFormatError(
             f"cannot read shard index {str(index_path)!r}: {err}; rewrite it with save_rollouts"
         ) from err
-    if index.get(META_FORMAT) != FORMAT_NAME:
+    if not isinstance(index, dict) or index.get(META_FORMAT) != FORMAT_NAME:
         raise RolloutFormatError(f"{str(index_path)!r} is not a {FORMAT_NAME} shard index")
+    for name in names:
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise RolloutFormatError(
+                f"shard index {str(index_path)!r} names {name!r}, which is not a file in the "
+                "index's own folder; an index lists the bare file names of its shards (rewrite "
+                "it with save_rollouts)"
+            )
     files = [index_path.with_name(name) for name in names]
     missing = [f.name for f in files if not f.exists()]
     if missing:
@@ -728,8 +739,7 @@ def _files_from_index(index_path: Path) -> list[Path]:
 
 
 def _read_file(path: Path) -> RolloutSet:
-    header, data_start, buffer = _map_safetensors(path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata, tensors = _map_safetensors(path)
     fmt = metadata.get(META_FORMAT)
     if fmt != FORMAT_NAME:
         raise RolloutFormatError(
@@ -743,64 +753,42 @@ def _read_file(path: Path) -> RolloutSet:
             f"{str(path)!r} has rollout format version {version!r}; this drift-engine reads "
             f"versions up to {FORMAT_VERSION}: upgrade drift-engine"
         )
-    unknown = sorted(set(header) - set(_TENSOR_SPECS))
+    unknown = sorted(set(tensors) - set(_TENSOR_SPECS))
     if unknown:
         raise RolloutFormatError(
             f"{str(path)!r} holds unknown tensors {unknown}; known: {sorted(_TENSOR_SPECS)}"
         )
-    tensors = {
-        name: _tensor_view(buffer, data_start, info, path, name) for name, info in header.items()
-    }
     missing = sorted(set(_REQUIRED) - set(tensors))
     if missing:
         raise RolloutFormatError(f"{str(path)!r} is missing required tensors {missing}")
     return RolloutSet(**tensors, metadata=dict(metadata))
 
 
-def _map_safetensors(path: Path) -> tuple[dict[str, Any], int, Any]:
-    """(header, byte offset of the data section, buffer over the whole file)."""
+def _map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, tensors by name) of a safetensors file, read with the safetensors library.
+
+    It checks the header (JSON, dtypes, shapes against byte ranges, ranges inside the file)
+    and maps the file: the tensors are views of a private copy-on-write mapping.
+    """
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise RolloutFormatError(f"{str(path)!r} is too short to be a safetensors file")
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > size - 8:
-                raise RolloutFormatError(f"{str(path)!r} has a corrupt safetensors header")
-            header = json.loads(fh.read(header_len))
-            # Private copy-on-write mapping: tensors are writable views, writes stay in memory.
-            if sys.byteorder == "little":
-                buffer: Any = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            else:
-                buffer = None
+        size = path.stat().st_size
+        if size < 8:
+            raise RolloutFormatError(f"{str(path)!r} is too short to be a safetensors file")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except RolloutFormatError:
         raise  # already names the file and the problem (and is a ValueError)
     except OSError as err:
         raise RolloutFormatError(f"cannot read rollout file {str(path)!r}: {err}") from err
-    except ValueError as err:
-        raise RolloutFormatError(f"{str(path)!r} has a corrupt safetensors header: {err}") from err
-    return header, 8 + header_len, buffer
-
-
-def _tensor_view(buffer: Any, data_start: int, info: dict, path: Path, name: str) -> Tensor:
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-    if dtype is None:
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
         raise RolloutFormatError(
-            f"{str(path)!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}"
-        )
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
-    count = (end - begin) // dtype.itemsize
-    offset = data_start + begin
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    if buffer is None or offset % dtype.itemsize:
-        # Big-endian host or misaligned data: read through safetensors (a copy).
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
-    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
+            f"{str(path)!r} is not a readable safetensors file (truncated or corrupt: {err}); "
+            "write it again (drift-engine rollout / convert, or save_rollouts)"
+        ) from err
+    return metadata, tensors
 
 
 def with_metadata(rollouts: RolloutSet, **entries: str) -> RolloutSet:
