@@ -12,10 +12,12 @@ file.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -565,6 +567,54 @@ def save_rollouts(
     _atomic_write_bytes(index_path, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
     written.append(index_path)
     return written
+
+
+def existing_rollout_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a rollout set written to ``path`` that exist now: the file itself, its
+    shard index and its shards (``save_rollouts`` with ``max_shard_bytes``)."""
+    path = Path(path)
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    found = [p for p in (path, _index_path(path)) if p.is_file()]
+    if path.parent.is_dir():
+        found += sorted(
+            p
+            for p in path.parent.glob(f"{glob.escape(stem)}-*-of-*.safetensors")
+            if (m := _SHARD_RE.match(p.name)) and m["stem"] == stem
+        )
+    return found
+
+
+def check_output_file(
+    path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out"
+) -> Path:
+    """Check, before any work, that an output file can be written at ``path``: it is not a
+    folder, nothing is there yet (unless ``overwrite``; a rollout file's shards and index
+    count too) and its folder exists or can be created and is writable (a file is created
+    and removed there). Raises ``ConfigError`` saying what to change; returns ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is a folder; give a file name inside it.")
+    existing = existing_rollout_files(path) if path.suffix == ".safetensors" else []
+    if not existing and path.is_file():
+        existing = [path]
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise ConfigError(
+            f"{option} {str(path)!r} already exists ({shown}); pass --overwrite to replace it, "
+            "or choose another name."
+        )
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{option} {str(path)!r} cannot be written: {err.strerror or err} "
+            f"({str(folder)!r}); choose a writable folder."
+        ) from None
+    return path
 
 
 def _index_path(path: Path) -> Path:
