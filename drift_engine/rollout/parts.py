@@ -2,9 +2,9 @@
 as soon as it is sampled, so a crash or a kill keeps what was finished and a rerun continues.
 
 The parts of output ``roll.safetensors`` live in the folder ``roll.safetensors.partial/``:
-``part-00003-of-00010.safetensors`` holds the trajectories of the third block of
-``prompts_per_part`` prompts (a complete rollout file, written under a temporary name and
-renamed, so a part that exists is whole), ``part-00003-of-00010.jsonl`` its preview lines
+``part-00003.safetensors`` holds the trajectories of the third block of ``prompts_per_part``
+prompts (a complete rollout file, written under a temporary name and renamed, so a part
+that exists is whole), ``part-00003.jsonl`` its preview lines
 when a preview is asked for, and ``run.json`` what the run depends on (problems,
 environment, sampling, seed, shard, tokenizer, engine, part size). A rerun with the same
 settings loads the parts that exist and samples only the others; since every request's seed
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from drift_engine.data.rollouts import (
+    META_FORMAT,
+    META_FORMAT_VERSION,
     META_TOKENIZER_VOCAB_HASH,
     RolloutSet,
     load_rollouts,
@@ -54,8 +56,9 @@ def parts_folder(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _part_name(k: int, count: int) -> str:
-    return f"part-{k + 1:05d}-of-{count:05d}"
+def _part_name(k: int) -> str:
+    # Not "<stem>-00003-of-00010": that names a shard of one sharded rollout set.
+    return f"part-{k + 1:05d}"
 
 
 def _own_files(folder: Path) -> list[Path]:
@@ -136,7 +139,7 @@ def collect_in_parts(
     run = json.loads(json.dumps(run, sort_keys=True, default=str))
     _prepare(folder, run, overwrite)
 
-    names = [_part_name(k, count) for k in range(count)]
+    names = [_part_name(k) for k in range(count)]
     done = [k for k in range(count) if (folder / f"{names[k]}.safetensors").is_file()]
     if done and log is not None:
         prompts = sum(len(ranges[k]) for k in done)
@@ -176,9 +179,9 @@ def collect_in_parts(
     paths = [folder / f"{name}.safetensors" for name in names]
     parts = [load_rollouts(p, allow_empty=True) for p in paths]
     merged = merge_rollout_sets(parts, [str(p) for p in paths])
-    merged = replace(
-        merged, metadata={**merged.metadata, META_SHARD: f"{shard_rank}/{shard_world}"}
-    )
+    # The metadata an uninterrupted run gives: this shard, no file-format entries.
+    meta = {k: v for k, v in merged.metadata.items() if k not in (META_FORMAT, META_FORMAT_VERSION)}
+    merged = replace(merged, metadata={**meta, META_SHARD: f"{shard_rank}/{shard_world}"})
     if preview is not None:
         merge_text_pieces([folder / f"{name}.jsonl" for name in names], preview, delete=False)
     return merged
