@@ -195,6 +195,32 @@ def test_plan_rollouts_packs_every_token_once():
     assert "packing efficiency" in stats.summary()
 
 
+def test_plan_carries_its_truncation_windows(monkeypatch):
+    import drift_engine.data.packing as packing
+
+    rs = make_rollouts(num=30, max_turns=3)
+    budget = 12  # some trajectories are truncated
+    plan, stats = plan_rollouts(rs, budget, seed=1, indices=range(3, 30))
+    assert stats.num_truncated > 0
+    weights = torch.rand(rs.num_trajectories, generator=torch.Generator().manual_seed(0))
+    expected = [pack(rs, list(m), weights, max_tokens=budget) for m in plan]  # recomputed
+
+    calls = []
+    real = packing.trajectory_windows
+    monkeypatch.setattr(
+        packing, "trajectory_windows", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    for m, want in zip(plan, expected, strict=True):
+        got = pack(rs, m, weights, max_tokens=budget)  # the plan's own windows
+        for name in ("input_ids", "position_ids", "cu_seqlens", "labels", "token_weights"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert calls == []
+    # Other settings than the plan's: the windows are computed for them.
+    pack(rs, plan[0], weights, max_tokens=budget + 5)
+    pack(rs, plan[0][:1], weights, max_tokens=budget)  # a plain list
+    assert len(calls) == 2
+
+
 def test_truncation_keeps_trained_turn_whole():
     # 20 tokens: prompt 6, answer 1 (4), feedback 5, answer 2 (3), trailing context 2.
     turns = [0] * 6 + [1] * 4 + [0] * 5 + [2] * 3 + [0] * 2

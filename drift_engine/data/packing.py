@@ -119,16 +119,42 @@ def _trained(turns: Tensor, owner: Tensor, num: int, train_turns: TrainTurns) ->
 @dataclass(frozen=True)
 class TrajectoryWindows:
     """The token range [start, end) of each trajectory that is packed (relative to the
-    trajectory's first token), after left truncation to the budget."""
+    trajectory's first token), after left truncation to the budget ``max_tokens`` with
+    ``train_turns`` trained."""
 
     start: Tensor  # (N,) int64
     end: Tensor  # (N,) int64
     truncated: Tensor  # (N,) bool: tokens were dropped
     full_lengths: Tensor  # (N,) int64 lengths before truncation
+    max_tokens: int | None = None
+    train_turns: TrainTurns = "last"
 
     @property
     def lengths(self) -> Tensor:
         return self.end - self.start
+
+    def take(self, positions: Tensor) -> TrajectoryWindows:
+        """The windows at ``positions`` (int64 indices into these windows)."""
+        return TrajectoryWindows(
+            self.start[positions],
+            self.end[positions],
+            self.truncated[positions],
+            self.full_lengths[positions],
+            self.max_tokens,
+            self.train_turns,
+        )
+
+
+class MicroBatch(list):
+    """A planned micro-batch: its rollout rows (a list of int, usable wherever the rows are)
+    and the truncation windows the plan measured them with, indexed by rollout row, which
+    ``pack`` uses instead of computing them again."""
+
+    __slots__ = ("windows",)
+
+    def __init__(self, rows: Sequence[int], windows: TrajectoryWindows):
+        super().__init__(rows)
+        self.windows = windows
 
 
 def trajectory_windows(
@@ -154,7 +180,14 @@ def trajectory_windows(
     full = rollouts.cu_seqlens[idx + 1] - starts  # (N,)
     if max_tokens is None or idx.numel() == 0 or int(full.max()) <= max_tokens:
         zero = torch.zeros_like(full)
-        return TrajectoryWindows(zero, full.clone(), torch.zeros_like(full, dtype=torch.bool), full)
+        return TrajectoryWindows(
+            zero,
+            full.clone(),
+            torch.zeros_like(full, dtype=torch.bool),
+            full,
+            max_tokens,
+            train_turns,
+        )
     if max_tokens < 2:
         raise ConfigError(f"max_tokens must be at least 2, got {max_tokens}")
 
@@ -200,7 +233,7 @@ def trajectory_windows(
     out_end = full.clone()
     out_start[long] = start
     out_end[long] = end
-    return TrajectoryWindows(out_start, out_end, full > max_tokens, full)
+    return TrajectoryWindows(out_start, out_end, full > max_tokens, full, max_tokens, train_turns)
 
 
 # ---- packing ------------------------------------------------------------------------------
@@ -219,7 +252,9 @@ def pack(
 
     ``weights`` (S,) float32 holds every trajectory's importance weight (e.g.
     ``drift_engine.weighting.weights_for``). With ``max_tokens``, trajectories longer than it
-    are truncated as in ``trajectory_windows`` and the packed total must fit it.
+    are truncated as in ``trajectory_windows`` and the packed total must fit it. A
+    ``MicroBatch`` of ``plan_rollouts`` planned with the same ``max_tokens`` and
+    ``train_turns`` brings its windows along.
     """
     _check_loss_mode(loss_mode)
     _check_train_turns(train_turns)
@@ -231,7 +266,16 @@ def pack(
             f"weights must hold one value per trajectory of the rollout set, shape "
             f"({rollouts.num_trajectories},), got {tuple(weights.shape)}"
         )
-    windows = trajectory_windows(rollouts, idx, train_turns=train_turns, max_tokens=max_tokens)
+    planned = indices.windows if isinstance(indices, MicroBatch) else None
+    if (
+        planned is not None
+        and planned.max_tokens == max_tokens
+        and planned.train_turns == train_turns
+        and planned.start.numel() == rollouts.num_trajectories
+    ):
+        windows = planned.take(idx)
+    else:
+        windows = trajectory_windows(rollouts, idx, train_turns=train_turns, max_tokens=max_tokens)
     lengths = windows.lengths  # (B,)
     total = int(lengths.sum())
     if max_tokens is not None and total > max_tokens:
@@ -451,11 +495,12 @@ def plan_rollouts(
     train_turns: TrainTurns = "last",
     shuffle: bool = True,
     indices: Sequence[int] | Tensor | None = None,
-) -> tuple[list[list[int]], PackingStats]:
+) -> tuple[list[MicroBatch], PackingStats]:
     """Micro-batches of rollout rows (all, or ``indices``) for one pass, and their stats.
 
-    Over-long trajectories are planned at their truncated length; ``pack`` with
-    ``max_tokens=budget_tokens`` truncates them the same way.
+    Over-long trajectories are planned at their truncated length. Each ``MicroBatch`` carries
+    those truncation windows, and ``pack`` with ``max_tokens=budget_tokens`` (and the same
+    ``train_turns``) packs it with them.
     """
     rows = (
         torch.arange(rollouts.num_trajectories)
@@ -465,8 +510,17 @@ def plan_rollouts(
     windows = trajectory_windows(rollouts, rows, train_turns=train_turns, max_tokens=budget_tokens)
     local = plan_micro_batches(windows.lengths, budget_tokens, seed, shuffle=shuffle)
     stats = packing_stats(local, budget_tokens, windows)
+    # The windows by rollout row, shared by every micro-batch of the plan.
+    by_row = TrajectoryWindows(
+        *(
+            torch.zeros(rollouts.num_trajectories, dtype=t.dtype).index_copy_(0, rows, t)
+            for t in (windows.start, windows.end, windows.truncated, windows.full_lengths)
+        ),
+        budget_tokens,
+        train_turns,
+    )
     row_of = rows.tolist()
-    return [[row_of[j] for j in batch] for batch in local], stats
+    return [MicroBatch([row_of[j] for j in batch], by_row) for batch in local], stats
 
 
 def group_into_steps(
