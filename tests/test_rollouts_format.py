@@ -159,6 +159,19 @@ def test_round_trip_shards(tmp_path):
         load_rollouts(shards[0])
 
 
+def test_saving_over_an_earlier_set_leaves_only_the_new_one(tmp_path):
+    rs, other = make_rollouts(seed=0), make_rollouts(seed=1, num_groups=4)
+    path = tmp_path / "roll.safetensors"
+    save_rollouts(path, rs)
+    written = save_rollouts(path, other, max_shard_bytes=200)  # single file -> shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    assert_same(load_rollouts(path), other)
+    assert_same(load_rollouts(tmp_path), other)
+    assert save_rollouts(path, rs) == [path]  # shards -> single file
+    assert [p.name for p in tmp_path.iterdir()] == ["roll.safetensors"]
+    assert_same(load_rollouts(tmp_path), rs)
+
+
 def test_load_list_merges_with_group_offsets(tmp_path):
     rs = make_rollouts()
     a, b = rs.select(range(0, 3)), rs.select(range(3, 9))

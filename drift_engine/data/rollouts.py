@@ -525,7 +525,9 @@ def save_rollouts(
     With ``max_shard_bytes`` and more data than that, trajectories are split in order into
     shards ``<stem>-00001-of-0000N.safetensors``, each a complete rollout file by itself,
     plus ``<name>.index.json`` listing them (returned last). Every file is written to a
-    temporary name and renamed into place, so readers never see a partial file.
+    temporary name and renamed into place, so readers never see a partial file. Files of an
+    earlier set written to ``path`` that this one does not replace (its single file, index or
+    shards) are removed afterwards, so ``load_rollouts(path)`` reads this set.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -536,8 +538,10 @@ def save_rollouts(
     path.parent.mkdir(parents=True, exist_ok=True)
 
     bounds = _shard_bounds(rollouts, max_shard_bytes)
+    earlier = existing_rollout_files(path)
     if len(bounds) == 1:
         _write_file(path, rollouts)
+        _remove_stale(earlier, [path])
         return [path]
 
     n = len(bounds)
@@ -566,7 +570,13 @@ def save_rollouts(
     index_path = _index_path(path)
     _atomic_write_bytes(index_path, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
     written.append(index_path)
+    _remove_stale(earlier, written)
     return written
+
+
+def _remove_stale(earlier: list[Path], written: list[Path]) -> None:
+    for p in set(earlier) - set(written):
+        p.unlink(missing_ok=True)
 
 
 def existing_rollout_files(path: str | os.PathLike) -> list[Path]:
