@@ -134,13 +134,23 @@ def collect_in_parts(
         "tokenizer": tokenizer_fingerprint(tokenizer)[META_TOKENIZER_VOCAB_HASH],
         "engine": engine.describe(),
         "metadata": dict(metadata or {}),
-        "preview": preview is not None,
     }
     run = json.loads(json.dumps(run, sort_keys=True, default=str))
     _prepare(folder, run, overwrite)
 
     names = [_part_name(k) for k in range(count)]
     done = [k for k in range(count) if (folder / f"{names[k]}.safetensors").is_file()]
+    unpreviewed = [names[k] for k in done if not (folder / f"{names[k]}.jsonl").is_file()]
+    if preview is not None and unpreviewed:
+        if not overwrite:
+            raise ConfigError(
+                f"the finished parts {unpreviewed} in {str(folder)!r} were sampled without a "
+                "preview; rerun without --preview to continue the run, or pass --overwrite to "
+                "start over."
+            )
+        discard_parts(folder)
+        _prepare(folder, run, overwrite=False)
+        done = []
     if done and log is not None:
         prompts = sum(len(ranges[k]) for k in done)
         log(
