@@ -599,8 +599,9 @@ def check_output_file(
 ) -> Path:
     """Check, before any work, that an output file can be written at ``path``: it is not a
     folder, nothing is there yet (unless ``overwrite``; a rollout file's shards and index
-    count too) and its folder exists or can be created and is writable (a file is created
-    and removed there). Raises ``ConfigError`` saying what to change; returns ``path``."""
+    count too) and its folder exists or can be created, and is writable (a file is created
+    and removed in its nearest existing folder; no folder is created). Raises ``ConfigError``
+    saying what to change; returns ``path``."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option} {str(path)!r} is a folder; give a file name inside it.")
@@ -614,8 +615,14 @@ def check_output_file(
             "or choose another name."
         )
     folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{option} {str(path)!r} cannot be written: {str(folder)!r} is a file, not a "
+            "folder; choose another path."
+        )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
