@@ -546,6 +546,10 @@ def test_cli_rollout_and_convert_check_out_before_any_work(tmp_path):
     # With --overwrite the check passes and the command goes on (to the missing model).
     result = _cli(["rollout", *common, "--out", str(existing), "--overwrite", "--engine", "hf"])
     assert result.exit_code == 2 and "cannot load tokenizer" in result.output
+    deeper = tmp_path / "new" / "deeper" / "r.safetensors"
+    result = _cli(["rollout", *common, "--out", str(deeper), "--engine", "hf"])
+    assert result.exit_code == 2 and "cannot load tokenizer" in result.output
+    assert not (tmp_path / "new").exists()  # the check creates nothing
     # An existing preview is output too.
     result = _cli(
         ["rollout", *common, "--out", str(tmp_path / "new.safetensors"), "--preview", str(existing)]
