@@ -191,17 +191,18 @@ def test_cli_end_to_end(tmp_path):
     torch.testing.assert_close(rs.weights, direct.weights)
     assert rs.metadata["beta"] == "0.2" and rs.metadata["tokenizer_name"] == str(tok_dir)
 
+    fresh = tmp_path / "fresh.safetensors"  # --out exists now: it would be refused first
     bad = write_jsonl(tmp_path / "bad.jsonl", RECORDS, ("{oops",))
     result = runner.invoke(
-        cli, ["convert", str(bad), "--tokenizer", str(tok_dir), "--out", str(out)]
+        cli, ["convert", str(bad), "--tokenizer", str(tok_dir), "--out", str(fresh)]
     )
     assert result.exit_code == 2
     assert "error: bad.jsonl:4: not valid JSON" in result.output
     result = runner.invoke(
-        cli, ["convert", str(src), "--tokenizer", str(tmp_path / "none"), "--out", str(out)]
+        cli, ["convert", str(src), "--tokenizer", str(tmp_path / "none"), "--out", str(fresh)]
     )
     assert result.exit_code == 2 and "cannot load tokenizer" in result.output
     result = runner.invoke(
-        cli, ["convert", str(src), "--tokenizer", str(tok_dir), "--out", str(out), "--beta", "0"]
+        cli, ["convert", str(src), "--tokenizer", str(tok_dir), "--out", str(fresh), "--beta", "0"]
     )
     assert result.exit_code == 2 and "beta must be > 0" in result.output

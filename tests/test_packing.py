@@ -144,6 +144,39 @@ def test_plan_invariants_and_determinism():
         plan_micro_batches(lengths, 100, seed=0)
 
 
+def test_short_trajectories_fill_their_batches():
+    # 12-28-token trajectories at a 16k budget: a batch holds ~800 of them, more than any
+    # fixed count of trajectories per packing window would allow.
+    lengths = torch.randint(12, 29, (20_000,), generator=torch.Generator().manual_seed(1))
+    budget = 16384
+    plan = plan_micro_batches(lengths, budget, seed=3)
+    assert sorted(i for b in plan for i in b) == list(range(lengths.numel()))
+    assert all(int(lengths[b].sum()) <= budget for b in plan)
+    assert max(len(b) for b in plan) > 512
+    efficiency = int(lengths.sum()) / (len(plan) * budget)
+    assert efficiency >= 0.95
+    assert plan == plan_micro_batches(lengths, budget, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["short", "lognormal", "wide"])
+def test_efficiency_does_not_depend_on_the_window(kind):
+    g = torch.Generator().manual_seed(2)
+    budget = 4096
+    if kind == "short":
+        lengths = torch.randint(3, 9, (30_000,), generator=g)
+    elif kind == "lognormal":
+        lengths = torch.empty(6000).log_normal_(5.5, 0.7, generator=g).round().clamp(1, budget)
+    else:
+        lengths = torch.randint(1, budget // 2, (3000,), generator=g)
+    lengths = lengths.to(torch.int64)
+    lower = -(-int(lengths.sum()) // budget)  # no plan has fewer batches
+    for window_batches in (8, 64, 512):
+        plan = plan_micro_batches(lengths, budget, seed=0, window_batches=window_batches)
+        assert sorted(i for b in plan for i in b) == list(range(lengths.numel()))
+        assert all(int(lengths[b].sum()) <= budget for b in plan)
+        assert len(plan) <= lower * 1.02 + 1, (window_batches, len(plan), lower)
+
+
 def test_plan_rollouts_packs_every_token_once():
     rs = make_rollouts(num=40)
     budget = 64
@@ -160,6 +193,32 @@ def test_plan_rollouts_packs_every_token_once():
     assert stats.efficiency == pytest.approx(rs.num_tokens / (len(plan) * budget))
     assert 0.7 < stats.efficiency <= 1.0
     assert "packing efficiency" in stats.summary()
+
+
+def test_plan_carries_its_truncation_windows(monkeypatch):
+    import drift_engine.data.packing as packing
+
+    rs = make_rollouts(num=30, max_turns=3)
+    budget = 12  # some trajectories are truncated
+    plan, stats = plan_rollouts(rs, budget, seed=1, indices=range(3, 30))
+    assert stats.num_truncated > 0
+    weights = torch.rand(rs.num_trajectories, generator=torch.Generator().manual_seed(0))
+    expected = [pack(rs, list(m), weights, max_tokens=budget) for m in plan]  # recomputed
+
+    calls = []
+    real = packing.trajectory_windows
+    monkeypatch.setattr(
+        packing, "trajectory_windows", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    for m, want in zip(plan, expected, strict=True):
+        got = pack(rs, m, weights, max_tokens=budget)  # the plan's own windows
+        for name in ("input_ids", "position_ids", "cu_seqlens", "labels", "token_weights"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert calls == []
+    # Other settings than the plan's: the windows are computed for them.
+    pack(rs, plan[0], weights, max_tokens=budget + 5)
+    pack(rs, plan[0][:1], weights, max_tokens=budget)  # a plain list
+    assert len(calls) == 2
 
 
 def test_truncation_keeps_trained_turn_whole():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -422,3 +424,156 @@ def test_cli_rollout_bad_input_exits_2(tmp_path, change, message):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and message in result.output
+
+
+# ---- nothing already written is lost --------------------------------------------------------
+
+
+class CrashAfter(Engine):
+    """Delegates to ``engine``; the ``crash_at``-th generate call raises (a killed run)."""
+
+    name = "hf"
+
+    def __init__(self, engine, crash_at=None):
+        self.engine, self.crash_at, self.prompts = engine, crash_at, []
+
+    def generate(self, prompts, params, seeds):
+        if self.crash_at is not None and len(self.prompts) + 1 >= self.crash_at:
+            raise KeyboardInterrupt
+        self.prompts.append(len(prompts))
+        return self.engine.generate(prompts, params, seeds)
+
+    def describe(self):
+        return self.engine.describe()
+
+
+def test_rollout_in_parts_survives_a_crash_and_resumes(tokenizer, model, tmp_path):
+    from drift_engine.rollout.parts import collect_in_parts
+
+    problems = [{"question": f"What is {i} plus 1 ?", "answer": str(i + 1)} for i in range(5)]
+    env = load_environment("math")
+    kwargs = dict(
+        n=2,
+        max_turns=2,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=5, logprobs=True),
+        seed=4,
+        progress=False,
+        metadata={"reference_model": "tiny"},
+    )
+    hf = HFEngine(model, pad_token_id=tokenizer.pad_token_id)
+    whole = run_rollouts(hf, tokenizer, env, problems, **kwargs)
+    folder = tmp_path / "roll.safetensors.partial"
+    parts = dict(prompts_per_part=2, preview=tmp_path / "p.jsonl")
+
+    # Killed during the third part (2 turns per part): the first two parts are on disk.
+    with pytest.raises(KeyboardInterrupt):
+        collect_in_parts(CrashAfter(hf, 5), tokenizer, env, problems, folder, **kwargs, **parts)
+    assert sorted(p.name for p in folder.glob("part-*.safetensors")) == [
+        "part-00001.safetensors",
+        "part-00002.safetensors",
+    ]
+    assert load_rollouts(folder / "part-00002.safetensors").group_ids.tolist() == [2, 2, 3, 3]
+
+    # The rerun samples only the last part's prompt and gives the uninterrupted run's set.
+    lines = []
+    engine = CrashAfter(hf)
+    got = collect_in_parts(
+        engine, tokenizer, env, problems, folder, **kwargs, **parts, log=lines.append
+    )
+    assert (
+        len(lines) == 1 and "resuming" in lines[0] and "2 of 3 parts (4 of 5 prompts)" in lines[0]
+    )
+    assert engine.prompts[0] == 2  # one prompt x n=2 in the first turn
+    for name, tensor in whole.tensors().items():
+        torch.testing.assert_close(getattr(got, name), tensor, equal_nan=True, atol=1e-5, rtol=0)
+    assert got.metadata == whole.metadata  # per-part summaries add up
+    previews = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["prompt_index"] for r in previews] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+    # Parts of a run with other settings are never mixed in.
+    with pytest.raises(ConfigError, match="other settings \\(differs in seed\\).*--overwrite"):
+        collect_in_parts(hf, tokenizer, env, problems, folder, **{**kwargs, "seed": 5}, **parts)
+    again = collect_in_parts(
+        hf, tokenizer, env, problems, folder, **{**kwargs, "seed": 5}, **parts, overwrite=True
+    )
+    assert json.loads((folder / "run.json").read_text())["seed"] == 5
+    assert again.group_ids.tolist() == whole.group_ids.tolist()
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from drift_engine.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def test_cli_rollout_and_convert_check_out_before_any_work(tmp_path):
+    problems = _write_problems(tmp_path / "p.jsonl", PROBLEMS[:1])
+    existing = tmp_path / "done.safetensors"
+    existing.write_bytes(b"hours of samples")
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "file").write_text("x")
+    # The model does not exist: every error below comes before anything is loaded.
+    common = ["--model", str(tmp_path / "no-model"), "--env", "math", "--problems", str(problems)]
+    cases = [
+        (existing, "already exists.*--overwrite"),
+        (tmp_path / "dir.safetensors", "is a folder"),
+        (tmp_path / "file" / "r.safetensors", "cannot be written"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "r.safetensors", "cannot be written"))
+    for out, message in cases:
+        for args in (
+            ["rollout", *common, "--out", str(out), "--engine", "hf", "--quiet"],
+            [
+                "convert",
+                str(problems),
+                "--tokenizer",
+                str(tmp_path / "no-model"),
+                "--out",
+                str(out),
+            ],
+        ):
+            result = _cli(args)
+            assert result.exit_code == 2, (args, result.output)
+            assert result.output.startswith("error:") and result.output.count("\n") == 1
+            assert re.search(message, result.output), result.output
+            assert "tokenizer" not in result.output
+    assert existing.read_bytes() == b"hours of samples"
+    # With --overwrite the check passes and the command goes on (to the missing model).
+    result = _cli(["rollout", *common, "--out", str(existing), "--overwrite", "--engine", "hf"])
+    assert result.exit_code == 2 and "cannot load tokenizer" in result.output
+    deeper = tmp_path / "new" / "deeper" / "r.safetensors"
+    result = _cli(["rollout", *common, "--out", str(deeper), "--engine", "hf"])
+    assert result.exit_code == 2 and "cannot load tokenizer" in result.output
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+    # An existing preview is output too.
+    result = _cli(
+        ["rollout", *common, "--out", str(tmp_path / "new.safetensors"), "--preview", str(existing)]
+    )
+    assert (
+        result.exit_code == 2 and "--preview" in result.output and "already exists" in result.output
+    )
+
+
+def test_cli_rollout_overwrite_and_parts_folder(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    problems = _write_problems(tmp_path / "p.jsonl", PROBLEMS)
+    out = tmp_path / "r.safetensors"
+    args = ["rollout", "--model", str(model_dir), "--env", "math", "--problems", str(problems),
+            "--out", str(out), "-n", "2", "--max-turns", "1", "--max-new-tokens", "4",
+            "--engine", "hf", "--quiet", "--save-every", "1"]  # fmt: skip
+    result = _cli(args)
+    assert result.exit_code == 0, result.output
+    first = load_rollouts(out)
+    assert first.num_trajectories == 6 and not (tmp_path / "r.safetensors.partial").exists()
+    result = _cli(args)
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = _cli([*args, "--overwrite", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_rollouts(out).num_trajectories == 6
+    result = _cli([*args[:-2], "--save-every", "0", "--overwrite"])
+    assert result.exit_code == 2 and "--save-every" in result.output

@@ -105,6 +105,7 @@ def test_torchrun_rollout_merges_into_the_single_process_run(model_dir, problems
     assert merged.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
     _assert_same_rollouts(merged, single)
     assert merged.metadata == single.metadata  # summaries combined, shard "0/1"
+    assert not list(out.parent.glob("*.partial"))  # finished parts are gone once merged
     # Rank 0 prints the summary of the whole set, once.
     assert proc.stdout.count("turn  answered") == 1
     assert _table(proc.stdout) == _table(result.output)
@@ -127,8 +128,26 @@ def test_torchrun_rollout_merges_into_the_single_process_run(model_dir, problems
     for name, tensor in merged.tensors().items():
         torch.testing.assert_close(getattr(remerged, name), tensor, equal_nan=True, atol=0, rtol=0)
     assert all(s.exists() for s in shards)  # --merge keeps its inputs by default
+    # An existing output is never replaced without --overwrite (nor a sharded one).
+    before = out.read_bytes()
+    for target in (out, again):
+        merge_args = ["rollout", "--merge", *map(str, shards), "--out", str(target)]
+        result = CliRunner().invoke(cli, [*merge_args, "--delete-shards"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error:") and "--overwrite" in result.output
+        assert result.output.count("\n") == 1
+    assert out.read_bytes() == before and all(s.exists() for s in shards)
     result = CliRunner().invoke(
-        cli, ["rollout", "--merge", *map(str, shards), "--out", str(out), "--delete-shards"]
+        cli,
+        [
+            "rollout",
+            "--merge",
+            *map(str, shards),
+            "--out",
+            str(out),
+            "--delete-shards",
+            "--overwrite",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert not any(s.exists() for s in shards)

@@ -159,6 +159,19 @@ def test_round_trip_shards(tmp_path):
         load_rollouts(shards[0])
 
 
+def test_saving_over_an_earlier_set_leaves_only_the_new_one(tmp_path):
+    rs, other = make_rollouts(seed=0), make_rollouts(seed=1, num_groups=4)
+    path = tmp_path / "roll.safetensors"
+    save_rollouts(path, rs)
+    written = save_rollouts(path, other, max_shard_bytes=200)  # single file -> shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    assert_same(load_rollouts(path), other)
+    assert_same(load_rollouts(tmp_path), other)
+    assert save_rollouts(path, rs) == [path]  # shards -> single file
+    assert [p.name for p in tmp_path.iterdir()] == ["roll.safetensors"]
+    assert_same(load_rollouts(tmp_path), rs)
+
+
 def test_load_list_merges_with_group_offsets(tmp_path):
     rs = make_rollouts()
     a, b = rs.select(range(0, 3)), rs.select(range(3, 9))
@@ -206,10 +219,101 @@ def test_load_errors(tmp_path):
         load_rollouts(tmp_path / "bad.safetensors")
     assert "corrupt" not in str(err.value)  # one message, not wrapped in another
     (tmp_path / "long.safetensors").write_bytes((1 << 20).to_bytes(8, "little") + b"{}")
-    with pytest.raises(RolloutFormatError, match="corrupt safetensors header$"):
+    with pytest.raises(RolloutFormatError, match="truncated or corrupt.*write it again"):
         load_rollouts(tmp_path / "long.safetensors")
     with pytest.raises(RolloutFormatError, match=".safetensors"):
         save_rollouts(tmp_path / "x.bin", rs)
+
+
+def _corruptions(data: bytes) -> dict[str, bytes]:
+    """Damaged copies of a rollout file's bytes: truncated, header bytes changed, header
+    entries of the wrong type or dtype."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    body = data[8 + header_len :]
+
+    def rewrite(change) -> bytes:
+        h = json.loads(json.dumps(header))
+        h = change(h) or h
+        raw = json.dumps(h).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw + body
+
+    out = {
+        f"truncated at {cut}": data[:cut]
+        for cut in (0, 5, 8, 9, header_len // 2, 8 + header_len, 9 + header_len, len(data) - 1)
+    }
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        at = int(torch.randint(0, 8 + header_len, (1,), generator=rng))
+        value = int(torch.randint(0, 256, (1,), generator=rng))
+        out[f"byte {at} set to {value}"] = data[:at] + bytes([value]) + data[at + 1 :]
+
+    def set_dtype(name, dtype):
+        return lambda h: h[name].update(dtype=dtype)
+
+    for name, dtype in [("cu_seqlens", "BOOL"), ("cu_seqlens", "F32"), ("input_ids", "I8")]:
+        out[f"{name} stored as {dtype}"] = rewrite(set_dtype(name, dtype))
+    out["input_ids stored as F32"] = rewrite(set_dtype("input_ids", "F32"))
+    out["unknown dtype"] = rewrite(set_dtype("turn_ids", "Q7"))
+    out["header is a list"] = rewrite(lambda h: [1, 2])
+    out["metadata is a list"] = rewrite(lambda h: h.update({"__metadata__": [1]}))
+    out["metadata value is a number"] = rewrite(lambda h: h["__metadata__"].update(format=1))
+    out["shape is a string"] = rewrite(lambda h: h["input_ids"].update(shape="x"))
+    out["offsets past the end"] = rewrite(
+        lambda h: h["input_ids"].update(data_offsets=[0, 1 << 40])
+    )
+    return out
+
+
+def test_corrupt_files_give_one_clear_error(tmp_path):
+    rs = make_rollouts()
+    save_rollouts(tmp_path / "r.safetensors", rs)
+    data = (tmp_path / "r.safetensors").read_bytes()
+    loaded = 0
+    for what, damaged in _corruptions(data).items():
+        path = tmp_path / "x.safetensors"
+        path.write_bytes(damaged)
+        try:
+            got = load_rollouts(path)
+        except RolloutFormatError as err:
+            assert "\n" not in str(err), what
+            continue
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{what}: {type(err).__name__}: {err}")
+        # A change the format does not notice (e.g. inside a token id) still loads whole.
+        assert got.num_trajectories == rs.num_trajectories, what
+        loaded += 1
+    assert loaded < 40  # most single-byte header changes are detected
+
+
+def test_empty_rollout_set_is_refused_on_load(tmp_path):
+    empty = make_rollouts().select([])
+    written = save_rollouts(tmp_path / "e.safetensors", empty)  # e.g. one shard of many
+    with pytest.raises(RolloutFormatError, match="e.safetensors.*no trajectories"):
+        load_rollouts(written[0])
+    with pytest.raises(RolloutFormatError, match="no trajectories"):
+        validate_rollouts(empty)
+    assert load_rollouts(written[0], allow_empty=True).num_trajectories == 0
+    validate_rollouts(empty, allow_empty=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "/etc/passwd", "sub/r.safetensors", ".."]
+)
+def test_shard_index_naming_a_path_outside_its_folder_is_refused(tmp_path, name):
+    rs = make_rollouts()
+    folder = tmp_path / "set"
+    written = save_rollouts(folder / "roll.safetensors", rs, max_shard_bytes=200)
+    index = written[-1]
+    save_rollouts(tmp_path / "outside.safetensors", rs)  # a readable file outside the folder
+    (folder / "sub").mkdir()
+    save_rollouts(folder / "sub" / "r.safetensors", rs)
+    meta = json.loads(index.read_text())
+    meta["shards"][0]["file"] = name
+    index.write_text(json.dumps(meta))
+    with pytest.raises(RolloutFormatError, match="not a file in the index's own folder"):
+        load_rollouts(index)
 
 
 def _broken(**changes):

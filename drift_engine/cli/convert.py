@@ -19,9 +19,10 @@ from drift_engine.errors import ConfigError
     "--out",
     "out_path",
     required=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="Output rollouts file (*.safetensors).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (refused without it).")
 @click.option("--gamma", type=float, default=None, help="Also store returns and weights: discount.")
 @click.option("--beta", type=float, default=None, help="Also store weights: temperature.")
 @click.option("--reference-model", default=None, help="Recorded in the file's metadata.")
@@ -39,6 +40,7 @@ def convert(
     beta: float | None,
     reference_model: str | None,
     max_shard_mb: float | None,
+    overwrite: bool,
 ) -> None:
     """Import the DRIFT reference's rollout JSONL (IN.jsonl) into a rollouts file.
 
@@ -47,12 +49,15 @@ def convert(
     its default, 0.7 / 0.2) the returns and importance weights are stored as well.
     """
     from drift_engine.data.convert import convert_reference_jsonl
-    from drift_engine.data.rollouts import save_rollouts
+    from drift_engine.data.rollouts import check_output_file, save_rollouts
     from drift_engine.rollout import load_tokenizer
     from drift_engine.weighting import WeightingConfig
 
     if max_shard_mb is not None and max_shard_mb <= 0:
         raise ConfigError(f"--max-shard-mb must be positive, got {max_shard_mb}")
+    if not out_path.endswith(".safetensors"):
+        raise ConfigError(f"--out must end in .safetensors, got {out_path!r}.")
+    check_output_file(out_path, overwrite=overwrite)
     weighting = None
     if gamma is not None or beta is not None:
         defaults = WeightingConfig()

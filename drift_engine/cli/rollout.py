@@ -167,6 +167,21 @@ env_and_problem_options = problem_options(env_required=True)
     help="Write --out as a sharded set of files of at most this many MB (read as one set).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --out (and --preview); without it they are refused.",
+)
+@click.option(
+    "--save-every",
+    "prompts_per_part",
+    type=int,
+    default=256,
+    show_default=True,
+    metavar="PROMPTS",
+    help="Write finished trajectories to <out>.partial/ every PROMPTS prompts; a rerun with "
+    "the same settings continues from there.",
+)
 @problem_options(env_required=False)
 def rollout(
     shards: tuple[str, ...],
@@ -188,6 +203,8 @@ def rollout(
     keep_shards: bool | None,
     max_shard_mb: float | None,
     quiet: bool,
+    overwrite: bool,
+    prompts_per_part: int,
     env_spec: str | None,
     env_options: tuple[str, ...],
     fields: tuple[str, ...],
@@ -211,7 +228,10 @@ def rollout(
     if max_shard_mb is not None and max_shard_mb <= 0:
         raise ConfigError(f"--max-shard-mb must be positive, got {max_shard_mb}.")
     max_shard_bytes = None if max_shard_mb is None else int(max_shard_mb * 1024 * 1024)
+    from drift_engine.data.rollouts import check_output_file
+
     if merge:
+        check_output_file(out_path, overwrite=overwrite)
         _merge_only(shards, out_path, keep_shards is not False, max_shard_bytes)
         return
     if shards:
@@ -227,19 +247,19 @@ def rollout(
         raise ConfigError(f"missing {', '.join(missing)} (needed unless --merge is given).")
     if (gamma is None) != (beta is None):
         raise ConfigError("give --gamma and --beta together (or neither, to weight later).")
+    if prompts_per_part < 1:
+        raise ConfigError(f"--save-every must be at least 1 prompt, got {prompts_per_part}.")
 
     from drift_engine.data.rollouts import META_REFERENCE_MODEL, save_rollouts
     from drift_engine.envs import load_environment, load_problems, parse_field_mapping
     from drift_engine.rollout import (
         ChatFormatter,
         SamplingParams,
-        collect_trajectories,
         create_engine,
         load_tokenizer,
         padding_token_id,
-        to_rollout_set,
-        write_preview,
     )
+    from drift_engine.rollout.parts import collect_in_parts, discard_parts, parts_folder
     from drift_engine.rollout.shards import (
         merge_rollout_shards,
         merge_text_pieces,
@@ -254,6 +274,13 @@ def rollout(
 
     launch = shard_launch(shard_rank, shard_world)
     rank, world = launch.rank, launch.world
+    # Outputs are checked before any work: a torchrun run writes --out (its rank files are
+    # its own intermediates), a shard of a run merged later writes its shard file.
+    final = out_path if launch.merge else shard_path(out_path, rank, world)
+    check_output_file(final, overwrite=overwrite)
+    if preview is not None:
+        preview_final = Path(preview) if launch.merge else shard_path(Path(preview), rank, world)
+        check_output_file(preview_final, overwrite=overwrite, option="--preview")
     env = load_environment(env_spec, **parse_env_options(env_options))
     problem_list = load_problems(
         problems, fields=parse_field_mapping(fields), env=env, limit=limit, split=split
@@ -283,36 +310,40 @@ def rollout(
         seed=seed,
         pad_token_id=padding_token_id(tokenizer),
     )
-    run = collect_trajectories(
+    path = shard_path(out_path, rank, world)
+    preview_path = None if preview is None else shard_path(Path(preview), rank, world)
+    rollouts = collect_in_parts(
         engine,
         tokenizer,
         env,
         problem_list,
+        parts_folder(path),
         n=n,
         max_turns=max_turns,
         sampling=sampling,
         seed=seed,
         shard_rank=rank,
         shard_world=world,
+        prompts_per_part=prompts_per_part,
         # One progress bar per torchrun job (rank 0's), not one per rank.
         progress=not quiet and (not launch.merge or rank == 0),
         chat_template=chat_template,
+        metadata={META_REFERENCE_MODEL: model},
+        preview=preview_path,
+        overwrite=overwrite,
+        log=lambda line: click.echo(line, err=True),
     )
-    rollouts = to_rollout_set(run, {META_REFERENCE_MODEL: model})
     if gamma is not None:
         from drift_engine.weighting import WeightingConfig, attach_weights
 
         # Group-normalised weights: every prompt group lies in one shard.
         rollouts = attach_weights(rollouts, WeightingConfig(gamma=gamma, beta=beta))
-    path = shard_path(out_path, rank, world)
     written = save_rollouts(path, rollouts, max_shard_bytes=None if world > 1 else max_shard_bytes)
-    preview_path = None if preview is None else shard_path(Path(preview), rank, world)
-    if preview_path is not None:
-        write_preview(run, preview_path)
 
     if not launch.merge:
+        discard_parts(parts_folder(path))
         click.echo(
-            f"{len(run.trajectories)} trajectories of {len(problem_list)} problems "
+            f"{rollouts.num_trajectories} trajectories of {len(problem_list)} problems "
             f"(shard {rank}/{world}), {rollouts.num_tokens} tokens -> {written[-1]}"
         )
         for line in summary_lines(rollouts):
@@ -334,6 +365,8 @@ def rollout(
     if preview is not None:
         pieces = [shard_path(Path(preview), r, world) for r in range(world)]
         merge_text_pieces(pieces, preview, delete=not keep_shards)
+    for r in range(world):
+        discard_parts(parts_folder(shard_path(out_path, r, world)))
     click.echo(
         f"{merged.num_trajectories} trajectories of {len(problem_list)} problems "
         f"({world} ranks), {merged.num_tokens} tokens -> {written[-1]}"
@@ -350,7 +383,7 @@ def _merge_only(
     from drift_engine.rollout.shards import merge_rollout_shards, problem_count, summary_lines
 
     ctx = click.get_current_context()
-    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "quiet"}
+    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "quiet", "overwrite"}
     extra = [
         "--" + name.replace("_", "-")
         for name in ctx.params
@@ -359,8 +392,8 @@ def _merge_only(
     ]
     if extra:
         raise ConfigError(
-            "--merge only takes shard files, --out, --keep-shards/--delete-shards and "
-            f"--max-shard-mb; got {', '.join(extra)}."
+            "--merge only takes shard files, --out, --overwrite, --keep-shards/--delete-shards "
+            f"and --max-shard-mb; got {', '.join(extra)}."
         )
     if not shards:
         raise ConfigError("--merge needs the shard files to merge.")

@@ -119,16 +119,42 @@ def _trained(turns: Tensor, owner: Tensor, num: int, train_turns: TrainTurns) ->
 @dataclass(frozen=True)
 class TrajectoryWindows:
     """The token range [start, end) of each trajectory that is packed (relative to the
-    trajectory's first token), after left truncation to the budget."""
+    trajectory's first token), after left truncation to the budget ``max_tokens`` with
+    ``train_turns`` trained."""
 
     start: Tensor  # (N,) int64
     end: Tensor  # (N,) int64
     truncated: Tensor  # (N,) bool: tokens were dropped
     full_lengths: Tensor  # (N,) int64 lengths before truncation
+    max_tokens: int | None = None
+    train_turns: TrainTurns = "last"
 
     @property
     def lengths(self) -> Tensor:
         return self.end - self.start
+
+    def take(self, positions: Tensor) -> TrajectoryWindows:
+        """The windows at ``positions`` (int64 indices into these windows)."""
+        return TrajectoryWindows(
+            self.start[positions],
+            self.end[positions],
+            self.truncated[positions],
+            self.full_lengths[positions],
+            self.max_tokens,
+            self.train_turns,
+        )
+
+
+class MicroBatch(list):
+    """A planned micro-batch: its rollout rows (a list of int, usable wherever the rows are)
+    and the truncation windows the plan measured them with, indexed by rollout row, which
+    ``pack`` uses instead of computing them again."""
+
+    __slots__ = ("windows",)
+
+    def __init__(self, rows: Sequence[int], windows: TrajectoryWindows):
+        super().__init__(rows)
+        self.windows = windows
 
 
 def trajectory_windows(
@@ -154,7 +180,14 @@ def trajectory_windows(
     full = rollouts.cu_seqlens[idx + 1] - starts  # (N,)
     if max_tokens is None or idx.numel() == 0 or int(full.max()) <= max_tokens:
         zero = torch.zeros_like(full)
-        return TrajectoryWindows(zero, full.clone(), torch.zeros_like(full, dtype=torch.bool), full)
+        return TrajectoryWindows(
+            zero,
+            full.clone(),
+            torch.zeros_like(full, dtype=torch.bool),
+            full,
+            max_tokens,
+            train_turns,
+        )
     if max_tokens < 2:
         raise ConfigError(f"max_tokens must be at least 2, got {max_tokens}")
 
@@ -200,7 +233,7 @@ def trajectory_windows(
     out_end = full.clone()
     out_start[long] = start
     out_end[long] = end
-    return TrajectoryWindows(out_start, out_end, full > max_tokens, full)
+    return TrajectoryWindows(out_start, out_end, full > max_tokens, full, max_tokens, train_turns)
 
 
 # ---- packing ------------------------------------------------------------------------------
@@ -219,7 +252,9 @@ def pack(
 
     ``weights`` (S,) float32 holds every trajectory's importance weight (e.g.
     ``drift_engine.weighting.weights_for``). With ``max_tokens``, trajectories longer than it
-    are truncated as in ``trajectory_windows`` and the packed total must fit it.
+    are truncated as in ``trajectory_windows`` and the packed total must fit it. A
+    ``MicroBatch`` of ``plan_rollouts`` planned with the same ``max_tokens`` and
+    ``train_turns`` brings its windows along.
     """
     _check_loss_mode(loss_mode)
     _check_train_turns(train_turns)
@@ -231,7 +266,16 @@ def pack(
             f"weights must hold one value per trajectory of the rollout set, shape "
             f"({rollouts.num_trajectories},), got {tuple(weights.shape)}"
         )
-    windows = trajectory_windows(rollouts, idx, train_turns=train_turns, max_tokens=max_tokens)
+    planned = indices.windows if isinstance(indices, MicroBatch) else None
+    if (
+        planned is not None
+        and planned.max_tokens == max_tokens
+        and planned.train_turns == train_turns
+        and planned.start.numel() == rollouts.num_trajectories
+    ):
+        windows = planned.take(idx)
+    else:
+        windows = trajectory_windows(rollouts, idx, train_turns=train_turns, max_tokens=max_tokens)
     lengths = windows.lengths  # (B,)
     total = int(lengths.sum())
     if max_tokens is not None and total > max_tokens:
@@ -330,64 +374,98 @@ def plan_micro_batches(
     budget_tokens: int,
     seed: int,
     shuffle: bool = True,
-    window: int = 512,
+    window_batches: int = 64,
 ) -> list[list[int]]:
     """Group trajectories (by index into ``lengths``) into micro-batches of at most
     ``budget_tokens`` tokens.
 
-    The trajectories are shuffled with ``seed`` (unless ``shuffle`` is False), cut into
-    windows of ``window`` consecutive trajectories, and each window is packed best-fit
-    decreasing (each trajectory, longest first, goes into the open batch it fills most
-    tightly). The batches of all windows are then shuffled with the same seed. The result
-    is random in order and composition, and identical for identical arguments.
+    The trajectories are shuffled with ``seed`` (unless ``shuffle`` is False) and cut into
+    windows of consecutive trajectories holding about ``window_batches`` budgets of tokens
+    each (so a window holds as many trajectories as its batches can take, however short
+    they are). Each window is packed best-fit decreasing (each trajectory, longest first,
+    goes into the open batch it fills most tightly); the batches a window leaves with room
+    (at most ``window_batches`` of them, the emptiest) stay open for the next window, so
+    only the last window's leftovers end under-filled. The batches are then shuffled with
+    the same seed. The result is random in order and composition, and identical for
+    identical arguments.
     """
     sizes = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
     if budget_tokens <= 0:
         raise ConfigError(f"budget_tokens must be positive, got {budget_tokens}")
-    if window <= 0:
-        raise ConfigError(f"window must be positive, got {window}")
+    if window_batches <= 0:
+        raise ConfigError(f"window_batches must be positive, got {window_batches}")
     if sizes.numel() and int(sizes.max()) > budget_tokens:
         i = int(sizes.argmax())
         raise ConfigError(
             f"trajectory {i} has {int(sizes[i])} tokens, more than the budget {budget_tokens}; "
             "plan with the truncated lengths (trajectory_windows(...).lengths) or raise the budget"
         )
+    if sizes.numel() == 0:
+        return []
     generator = torch.Generator().manual_seed(seed)
     order = (
         torch.randperm(sizes.numel(), generator=generator)
         if shuffle
         else torch.arange(sizes.numel())
     )
-    size_of = sizes.tolist()
-    batches: list[list[int]] = []
-    for w0 in range(0, len(order), window):
-        chunk = order[w0 : w0 + window].tolist()
-        batches.extend(_best_fit_decreasing(chunk, size_of, budget_tokens))
+    # Window of each trajectory (in shuffled order) from the tokens before it; then one
+    # stable sort gives every window's trajectories longest first, windows in order.
+    ordered = sizes[order]
+    before = torch.cumsum(ordered, 0) - ordered
+    window_of = torch.div(before, window_batches * budget_tokens, rounding_mode="floor")
+    key = window_of * (budget_tokens + 1) + (budget_tokens - ordered)
+    by_key = torch.sort(key, stable=True).indices
+    window_starts = torch.nonzero(torch.diff(window_of[by_key])).flatten() + 1
+    batches = _best_fit_decreasing(
+        order[by_key].tolist(),
+        sizes.tolist(),
+        window_starts.tolist(),
+        budget_tokens,
+        int(sizes.min()),
+        window_batches,
+    )
     if shuffle:
         perm = torch.randperm(len(batches), generator=generator).tolist()
         batches = [batches[i] for i in perm]
     return batches
 
 
-def _best_fit_decreasing(items: list[int], size_of: list[int], budget: int) -> list[list[int]]:
-    # Stable sort: equal lengths keep their (shuffled) order.
-    items = sorted(items, key=lambda i: -size_of[i])
+def _best_fit_decreasing(
+    items: list[int],
+    size_of: list[int],
+    window_starts: list[int],
+    budget: int,
+    smallest: int,
+    keep_open: int,
+) -> list[list[int]]:
+    """Best fit over ``items`` (each window already longest first): every item goes into the
+    open bin with the least room that holds it, else a new bin. At each window start only
+    the ``keep_open`` emptiest bins stay open; a bin with less room than ``smallest`` closes."""
     bins: list[list[int]] = []
-    free: list[int] = []  # sorted remaining capacities of the bins
+    free: list[int] = []  # sorted remaining capacities of the open bins
     owner: list[int] = []  # bin id of each entry of ``free``
-    for i in items:
+    find = bisect.bisect_left
+    starts = iter(window_starts)
+    next_start = next(starts, len(items))
+    for position, i in enumerate(items):
+        if position == next_start:
+            del free[: max(len(free) - keep_open, 0)]
+            del owner[: max(len(owner) - keep_open, 0)]
+            next_start = next(starts, len(items))
         size = size_of[i]
-        pos = bisect.bisect_left(free, size)  # tightest bin with enough room
+        pos = find(free, size)  # tightest bin with enough room
         if pos == len(free):
+            b = len(bins)
             bins.append([i])
-            remaining, b = budget - size, len(bins) - 1
+            remaining = budget - size
         else:
             b = owner.pop(pos)
             remaining = free.pop(pos) - size
             bins[b].append(i)
-        at = bisect.bisect_left(free, remaining)
-        free.insert(at, remaining)
-        owner.insert(at, b)
+        if remaining >= smallest:
+            at = find(free, remaining)
+            free.insert(at, remaining)
+            owner.insert(at, b)
     return bins
 
 
@@ -417,11 +495,12 @@ def plan_rollouts(
     train_turns: TrainTurns = "last",
     shuffle: bool = True,
     indices: Sequence[int] | Tensor | None = None,
-) -> tuple[list[list[int]], PackingStats]:
+) -> tuple[list[MicroBatch], PackingStats]:
     """Micro-batches of rollout rows (all, or ``indices``) for one pass, and their stats.
 
-    Over-long trajectories are planned at their truncated length; ``pack`` with
-    ``max_tokens=budget_tokens`` truncates them the same way.
+    Over-long trajectories are planned at their truncated length. Each ``MicroBatch`` carries
+    those truncation windows, and ``pack`` with ``max_tokens=budget_tokens`` (and the same
+    ``train_turns``) packs it with them.
     """
     rows = (
         torch.arange(rollouts.num_trajectories)
@@ -431,8 +510,17 @@ def plan_rollouts(
     windows = trajectory_windows(rollouts, rows, train_turns=train_turns, max_tokens=budget_tokens)
     local = plan_micro_batches(windows.lengths, budget_tokens, seed, shuffle=shuffle)
     stats = packing_stats(local, budget_tokens, windows)
+    # The windows by rollout row, shared by every micro-batch of the plan.
+    by_row = TrajectoryWindows(
+        *(
+            torch.zeros(rollouts.num_trajectories, dtype=t.dtype).index_copy_(0, rows, t)
+            for t in (windows.start, windows.end, windows.truncated, windows.full_lengths)
+        ),
+        budget_tokens,
+        train_turns,
+    )
     row_of = rows.tolist()
-    return [[row_of[j] for j in batch] for batch in local], stats
+    return [MicroBatch([row_of[j] for j in batch], by_row) for batch in local], stats
 
 
 def group_into_steps(

@@ -12,13 +12,12 @@ file.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
-import mmap
 import os
 import re
-import struct
-import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -66,19 +65,6 @@ _OPTIONAL = {
     "behavior_logprobs": (torch.float32, "token"),
 }
 _TENSOR_SPECS = {**_REQUIRED, **_OPTIONAL}
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 
@@ -371,17 +357,24 @@ def validate_rollouts(
     vocab_size: int | None = None,
     tokenizer: Any = None,
     train_turns: TrainTurns = "last",
+    allow_empty: bool = False,
 ) -> None:
     """Raise ``RolloutFormatError`` describing the first problem found, else return None.
 
     Checks dtypes and shapes, boundaries, turn ids against rewards, finite values, token ids
     against ``vocab_size`` (the model's embedding rows), the file's tokenizer identity
-    against ``tokenizer`` (when the file records one), and that every trajectory has a
-    trained token under ``train_turns``.
+    against ``tokenizer`` (when the file records one), that every trajectory has a trained
+    token under ``train_turns``, and, unless ``allow_empty`` (e.g. one shard of a run with
+    more shards than prompts), that there is at least one trajectory.
     """
     rs = rollouts
     _check_types_and_shapes(rs)
     S, T = rs.num_trajectories, rs.num_tokens
+    if S == 0 and not allow_empty:
+        raise RolloutFormatError(
+            "the rollout set holds no trajectories, so there is nothing to train on or merge; "
+            "roll out (or convert) again with at least one problem"
+        )
 
     cu = rs.cu_seqlens
     if int(cu[0]) != 0:
@@ -532,19 +525,23 @@ def save_rollouts(
     With ``max_shard_bytes`` and more data than that, trajectories are split in order into
     shards ``<stem>-00001-of-0000N.safetensors``, each a complete rollout file by itself,
     plus ``<name>.index.json`` listing them (returned last). Every file is written to a
-    temporary name and renamed into place, so readers never see a partial file.
+    temporary name and renamed into place, so readers never see a partial file. Files of an
+    earlier set written to ``path`` that this one does not replace (its single file, index or
+    shards) are removed afterwards, so ``load_rollouts(path)`` reads this set.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise RolloutFormatError(f"rollout files end in .safetensors; got {str(path)!r}")
-    validate_rollouts(rollouts)
+    validate_rollouts(rollouts, allow_empty=True)
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise RolloutFormatError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     bounds = _shard_bounds(rollouts, max_shard_bytes)
+    earlier = existing_rollout_files(path)
     if len(bounds) == 1:
         _write_file(path, rollouts)
+        _remove_stale(earlier, [path])
         return [path]
 
     n = len(bounds)
@@ -573,7 +570,68 @@ def save_rollouts(
     index_path = _index_path(path)
     _atomic_write_bytes(index_path, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
     written.append(index_path)
+    _remove_stale(earlier, written)
     return written
+
+
+def _remove_stale(earlier: list[Path], written: list[Path]) -> None:
+    for p in set(earlier) - set(written):
+        p.unlink(missing_ok=True)
+
+
+def existing_rollout_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a rollout set written to ``path`` that exist now: the file itself, its
+    shard index and its shards (``save_rollouts`` with ``max_shard_bytes``)."""
+    path = Path(path)
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    found = [p for p in (path, _index_path(path)) if p.is_file()]
+    if path.parent.is_dir():
+        found += sorted(
+            p
+            for p in path.parent.glob(f"{glob.escape(stem)}-*-of-*.safetensors")
+            if (m := _SHARD_RE.match(p.name)) and m["stem"] == stem
+        )
+    return found
+
+
+def check_output_file(
+    path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out"
+) -> Path:
+    """Check, before any work, that an output file can be written at ``path``: it is not a
+    folder, nothing is there yet (unless ``overwrite``; a rollout file's shards and index
+    count too) and its folder exists or can be created, and is writable (a file is created
+    and removed in its nearest existing folder; no folder is created). Raises ``ConfigError``
+    saying what to change; returns ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is a folder; give a file name inside it.")
+    existing = existing_rollout_files(path) if path.suffix == ".safetensors" else []
+    if not existing and path.is_file():
+        existing = [path]
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise ConfigError(
+            f"{option} {str(path)!r} already exists ({shown}); pass --overwrite to replace it, "
+            "or choose another name."
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{option} {str(path)!r} cannot be written: {str(folder)!r} is a file, not a "
+            "folder; choose another path."
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{option} {str(path)!r} cannot be written: {err.strerror or err} "
+            f"({str(folder)!r}); choose a writable folder."
+        ) from None
+    return path
 
 
 def _index_path(path: Path) -> Path:
@@ -644,6 +702,7 @@ def load_rollouts(
     *,
     group_ids: GroupIdPolicy = "offset",
     validate: bool = True,
+    allow_empty: bool = False,
 ) -> RolloutSet:
     """Memory-map a rollout file.
 
@@ -653,7 +712,8 @@ def load_rollouts(
     files (a list, e.g. one per rollout process) are merged with ``group_ids``: ``"offset"``
     (default) renumbers each file's groups after the previous file's, which is right when each
     prompt group was written by one process; ``"keep"`` keeps the stored ids, for writers that
-    used global group ids. With ``validate`` (default) the structure is checked on load.
+    used global group ids. With ``validate`` (default) the structure is checked on load,
+    and a set without trajectories is refused unless ``allow_empty``.
     """
     if isinstance(path, (list, tuple)):
         if not path:
@@ -665,8 +725,19 @@ def load_rollouts(
         sets = [_read_file(f) for f in files]
         rs = sets[0] if len(sets) == 1 else RolloutSet.concat(sets, group_ids="keep")
     if validate:
-        validate_rollouts(rs)
+        try:
+            validate_rollouts(rs, allow_empty=allow_empty)
+        except RolloutFormatError as err:
+            if rs.num_trajectories:
+                raise
+            raise RolloutFormatError(f"{_describe(path)}: {err}") from None
     return rs
+
+
+def _describe(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    if isinstance(path, (list, tuple)):
+        return ", ".join(repr(str(p)) for p in path)
+    return repr(str(path))
 
 
 def _resolve_files(path: Path) -> list[Path]:
@@ -716,8 +787,15 @@ def _files_from_index(index_path: Path) -> list[Path]:
         raise RolloutFormatError(
             f"cannot read shard index {str(index_path)!r}: {err}; rewrite it with save_rollouts"
         ) from err
-    if index.get(META_FORMAT) != FORMAT_NAME:
+    if not isinstance(index, dict) or index.get(META_FORMAT) != FORMAT_NAME:
         raise RolloutFormatError(f"{str(index_path)!r} is not a {FORMAT_NAME} shard index")
+    for name in names:
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise RolloutFormatError(
+                f"shard index {str(index_path)!r} names {name!r}, which is not a file in the "
+                "index's own folder; an index lists the bare file names of its shards (rewrite "
+                "it with save_rollouts)"
+            )
     files = [index_path.with_name(name) for name in names]
     missing = [f.name for f in files if not f.exists()]
     if missing:
@@ -728,8 +806,7 @@ def _files_from_index(index_path: Path) -> list[Path]:
 
 
 def _read_file(path: Path) -> RolloutSet:
-    header, data_start, buffer = _map_safetensors(path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata, tensors = _map_safetensors(path)
     fmt = metadata.get(META_FORMAT)
     if fmt != FORMAT_NAME:
         raise RolloutFormatError(
@@ -743,64 +820,42 @@ def _read_file(path: Path) -> RolloutSet:
             f"{str(path)!r} has rollout format version {version!r}; this drift-engine reads "
             f"versions up to {FORMAT_VERSION}: upgrade drift-engine"
         )
-    unknown = sorted(set(header) - set(_TENSOR_SPECS))
+    unknown = sorted(set(tensors) - set(_TENSOR_SPECS))
     if unknown:
         raise RolloutFormatError(
             f"{str(path)!r} holds unknown tensors {unknown}; known: {sorted(_TENSOR_SPECS)}"
         )
-    tensors = {
-        name: _tensor_view(buffer, data_start, info, path, name) for name, info in header.items()
-    }
     missing = sorted(set(_REQUIRED) - set(tensors))
     if missing:
         raise RolloutFormatError(f"{str(path)!r} is missing required tensors {missing}")
     return RolloutSet(**tensors, metadata=dict(metadata))
 
 
-def _map_safetensors(path: Path) -> tuple[dict[str, Any], int, Any]:
-    """(header, byte offset of the data section, buffer over the whole file)."""
+def _map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, tensors by name) of a safetensors file, read with the safetensors library.
+
+    It checks the header (JSON, dtypes, shapes against byte ranges, ranges inside the file)
+    and maps the file: the tensors are views of a private copy-on-write mapping.
+    """
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise RolloutFormatError(f"{str(path)!r} is too short to be a safetensors file")
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > size - 8:
-                raise RolloutFormatError(f"{str(path)!r} has a corrupt safetensors header")
-            header = json.loads(fh.read(header_len))
-            # Private copy-on-write mapping: tensors are writable views, writes stay in memory.
-            if sys.byteorder == "little":
-                buffer: Any = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            else:
-                buffer = None
+        size = path.stat().st_size
+        if size < 8:
+            raise RolloutFormatError(f"{str(path)!r} is too short to be a safetensors file")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except RolloutFormatError:
         raise  # already names the file and the problem (and is a ValueError)
     except OSError as err:
         raise RolloutFormatError(f"cannot read rollout file {str(path)!r}: {err}") from err
-    except ValueError as err:
-        raise RolloutFormatError(f"{str(path)!r} has a corrupt safetensors header: {err}") from err
-    return header, 8 + header_len, buffer
-
-
-def _tensor_view(buffer: Any, data_start: int, info: dict, path: Path, name: str) -> Tensor:
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-    if dtype is None:
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
         raise RolloutFormatError(
-            f"{str(path)!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}"
-        )
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
-    count = (end - begin) // dtype.itemsize
-    offset = data_start + begin
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    if buffer is None or offset % dtype.itemsize:
-        # Big-endian host or misaligned data: read through safetensors (a copy).
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
-    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
+            f"{str(path)!r} is not a readable safetensors file (truncated or corrupt: {err}); "
+            "write it again (drift-engine rollout / convert, or save_rollouts)"
+        ) from err
+    return metadata, tensors
 
 
 def with_metadata(rollouts: RolloutSet, **entries: str) -> RolloutSet:

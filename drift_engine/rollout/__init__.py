@@ -21,6 +21,7 @@ from drift_engine.rollout.loop import (
     turn_stats,
     write_preview,
 )
+from drift_engine.rollout.parts import collect_in_parts, discard_parts, parts_folder
 from drift_engine.rollout.shards import merge_rollout_sets, merge_rollout_shards, shard_path
 
 __all__ = [
@@ -32,13 +33,16 @@ __all__ = [
     "TemplateReport",
     "Trajectory",
     "TurnStats",
+    "collect_in_parts",
     "collect_trajectories",
     "create_engine",
+    "discard_parts",
     "format_turn_stats",
     "load_tokenizer",
     "merge_rollout_sets",
     "merge_rollout_shards",
     "padding_token_id",
+    "parts_folder",
     "request_seed",
     "run_rollouts",
     "shard_from_env",

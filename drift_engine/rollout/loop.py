@@ -188,10 +188,16 @@ def collect_trajectories(
     seed: int,
     shard_rank: int = 0,
     shard_world: int = 1,
-    progress: bool = True,
+    progress: bool | Any = True,
     chat_template: str | None = None,
+    prompt_range: range | None = None,
 ) -> RolloutRun:
-    """Run the multi-turn episodes of this shard's prompts; see the module docstring."""
+    """Run the multi-turn episodes of this shard's prompts; see the module docstring.
+
+    ``prompt_range`` (prompt indices inside this shard's block) rolls out only those, e.g.
+    one part of a run written progressively (``drift_engine.rollout.parts``). ``progress``
+    may be a tqdm-like bar to advance (left open) instead of True/False.
+    """
     if n < 1:
         raise ConfigError(f"n (trajectories per prompt) must be at least 1, got {n}.")
     if max_turns < 1:
@@ -199,11 +205,7 @@ def collect_trajectories(
     if not problems:
         raise EnvironmentSpecError("no problems to roll out: the problem list is empty.")
     formatter = ChatFormatter(tokenizer, chat_template)
-    for index, problem in enumerate(problems):
-        try:
-            env.validate_problem(problem)
-        except EnvironmentSpecError as err:
-            raise EnvironmentSpecError(f"problem {index}: {err}") from None
+    validate_problems(env, problems, prompt_range)
     stops = tuple(dict.fromkeys([*sampling.stop_token_ids, *formatter.stop_token_ids()]))
     if not stops:
         raise ConfigError(
@@ -213,8 +215,16 @@ def collect_trajectories(
     params = replace(sampling, stop_token_ids=stops)
     stop_set = set(stops)
 
+    block = shard_range(len(problems), shard_rank, shard_world)
+    if prompt_range is not None:
+        if len(prompt_range) and (prompt_range[0] < block.start or prompt_range[-1] >= block.stop):
+            raise ConfigError(
+                f"prompt_range {prompt_range} lies outside shard {shard_rank}/{shard_world}'s "
+                f"prompts {block}."
+            )
+        block = prompt_range
     trajectories: list[Trajectory] = []
-    for prompt_index in shard_range(len(problems), shard_rank, shard_world):
+    for prompt_index in block:
         messages = env.initial_messages(problems[prompt_index])
         ids = formatter.prompt_ids(messages)
         for sample_index in range(n):
@@ -230,7 +240,7 @@ def collect_trajectories(
             )
 
     report = TemplateReport()
-    bar = _progress_bar(len(trajectories), progress)
+    bar = progress if not isinstance(progress, bool) else _progress_bar(len(trajectories), progress)
     active = list(trajectories)
     for turn in range(1, max_turns + 1):
         if not active:
@@ -276,7 +286,8 @@ def collect_trajectories(
             else:
                 still_active.append(traj)
         active = still_active
-    bar.close()
+    if bar is not progress:
+        bar.close()
     if report.mismatched:
         warnings.warn(report.summary(), stacklevel=2)
 
@@ -299,6 +310,18 @@ def collect_trajectories(
         META_SHARD: f"{shard_rank}/{shard_world}",
     }
     return RolloutRun(trajectories, max_turns, report, metadata)
+
+
+def validate_problems(
+    env: Environment, problems: Sequence[Problem], indices: Sequence[int] | None = None
+) -> None:
+    """Check problems ``indices`` (default all) with the environment; the error names the
+    first bad problem's index."""
+    for index in range(len(problems)) if indices is None else indices:
+        try:
+            env.validate_problem(problems[index])
+        except EnvironmentSpecError as err:
+            raise EnvironmentSpecError(f"problem {index}: {err}") from None
 
 
 def _progress_bar(total: int, enabled: bool):

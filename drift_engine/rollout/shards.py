@@ -313,7 +313,7 @@ def merge_rollout_shards(
         raise ConfigError(f"the merged output {str(out)!r} is also one of the shards to merge.")
     if len(resolved) != len(inputs):
         raise ConfigError("the same shard file is given twice.")
-    sets = [load_rollouts(p) for p in inputs]
+    sets = [load_rollouts(p, allow_empty=True) for p in inputs]
     merged = merge_rollout_sets(sets, [str(p) for p in inputs])
     written = save_rollouts(out, merged, max_shard_bytes=max_shard_bytes)
     if delete_shards:
