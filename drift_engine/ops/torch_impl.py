@@ -18,33 +18,53 @@ import torch
 from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
 
 # Elements of one (chunk, V) fp32 buffer when chunk_size is not given: 64 Mi elements
-# (256 MiB) on accelerators, where larger GEMMs pay; 4 Mi elements (16 MiB) on CPU, where
-# cache locality matters more than GEMM size.
-_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
-_CPU_CHUNK_ELEMENTS = 1 << 22
+# (256 MiB), on CPU as on accelerators. Every extra chunk re-reads the weight twice and
+# reads and writes the (V, H) fp32 gradient accumulator once, a GEMM whose inner dimension
+# is the chunk's rows: at the SmolLM2-135M head (H=576, V=49152) on 2 CPU threads, 85-row
+# chunks (the former 4 Mi-element CPU budget) took the three GEMMs to 1.5x the unchunked
+# GEMMs, 1024-row chunks to within a few percent (bench/results/loss_cpu_*.md).
+CPU_CHUNK_ELEMENTS = 1 << 26
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
 
 def chunk_rows(
     num_tokens: int, vocab_size: int, chunk_size: int | None, device: torch.device
 ) -> int:
-    """Rows of logits materialised at once."""
-    if chunk_size is not None:
-        return max(1, min(chunk_size, num_tokens))
-    budget = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
-    return max(1, min(num_tokens, budget // vocab_size))
+    """Rows of logits materialised at once: ``chunk_size``, or the fewest chunks the budget
+    allows, balanced (2048 rows in chunks of 1365 at most become two of 1024, not 1365 and
+    a thin 683)."""
+    if chunk_size is not None or num_tokens == 0:
+        return max(1, min(chunk_size or 1, num_tokens))
+    budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    rows = max(1, min(num_tokens, budget // vocab_size))
+    num_chunks = -(-num_tokens // rows)
+    return -(-num_tokens // num_chunks)
 
 
 def _logits_fp32(
     hidden_chunk: torch.Tensor,  # (c, H)
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
+    buffer: torch.Tensor | None = None,  # (>= c, V) fp32, reused across chunks
 ) -> torch.Tensor:
-    """(c, V) fp32 logits hidden_chunk @ weight.T + bias."""
-    logits = hidden_chunk @ weight.T  # (c, V), inputs' dtype
-    logits = logits.float()  # no copy for fp32 inputs
+    """(c, V) fp32 logits hidden_chunk @ weight.T + bias; for fp32 inputs written into
+    ``buffer`` when given (one allocation for all chunks, not one per chunk)."""
+    if buffer is not None and hidden_chunk.dtype == torch.float32:
+        logits = buffer[: hidden_chunk.shape[0]]
+        torch.mm(hidden_chunk, weight.T, out=logits)
+    else:
+        logits = (hidden_chunk @ weight.T).float()  # inputs' dtype, then fp32
     if bias is not None:
         logits += bias.float()
     return logits
+
+
+def _logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor | None:
+    """The (chunk, V) fp32 buffer _logits_fp32 reuses; None for 16-bit inputs, whose GEMM
+    output is a fresh input-dtype tensor anyway."""
+    if hidden.dtype != torch.float32:
+        return None
+    return torch.empty(chunk, weight.shape[0], dtype=torch.float32, device=hidden.device)
 
 
 def _accumulate_grads(
@@ -52,20 +72,43 @@ def _accumulate_grads(
     hidden_chunk: torch.Tensor,  # (c, H)
     weight: torch.Tensor,  # (V, H)
     grad_hidden_chunk: torch.Tensor,  # (c, H), inputs' dtype; written
-    grad_weight_acc: torch.Tensor,  # (V, H) fp32; accumulated
+    grad_weight_acc: torch.Tensor,  # (V, H) fp32; written by the first chunk, then accumulated
     grad_bias_acc: torch.Tensor | None,  # (V,) fp32; accumulated
+    first: bool,
+    row_scale: torch.Tensor | None = None,  # (c,) fp32
 ) -> None:
-    """Back-propagate a chunk's gradient of the logits through the linear layer."""
-    if grad_bias_acc is not None:
-        grad_bias_acc += grad_logits.sum(dim=0)
+    """Back-propagate a chunk's gradient of the logits, diag(row_scale)·grad_logits, through
+    the linear layer.
+
+    For fp32 the row scale is applied where it is cheap, on (c, H) tensors rather than on the
+    (c, V) buffer: grad_h = diag(r)·(G @ W) and grad_W += Gᵀ @ (diag(r)·h).
+    """
     if hidden_chunk.dtype == torch.float32:
         torch.mm(grad_logits, weight, out=grad_hidden_chunk)
-        grad_weight_acc.addmm_(grad_logits.T, hidden_chunk)
+        if row_scale is not None:
+            grad_hidden_chunk *= row_scale.unsqueeze(1)
+            hidden_chunk = hidden_chunk * row_scale.unsqueeze(1)  # (c, H)
+        if first:
+            torch.mm(grad_logits.T, hidden_chunk, out=grad_weight_acc)
+        else:
+            grad_weight_acc.addmm_(grad_logits.T, hidden_chunk)
+        if grad_bias_acc is not None:
+            if row_scale is None:
+                grad_bias_acc += grad_logits.sum(dim=0)
+            else:
+                grad_bias_acc.addmv_(grad_logits.T, row_scale)
+        return
+    # fp16/bf16 GEMMs accumulate in fp32 internally; each chunk's (V, H) product is rounded
+    # once and then summed in fp32 across chunks.
+    if row_scale is not None:
+        grad_logits = grad_logits.mul_(row_scale.unsqueeze(1))
+    if grad_bias_acc is not None:
+        grad_bias_acc += grad_logits.sum(dim=0)
+    grad_logits = grad_logits.to(hidden_chunk.dtype)
+    torch.mm(grad_logits, weight, out=grad_hidden_chunk)
+    if first:
+        grad_weight_acc.copy_(grad_logits.T @ hidden_chunk)
     else:
-        # fp16/bf16 GEMMs accumulate in fp32 internally; each chunk's (V, H) product is
-        # rounded once and then summed in fp32 across chunks.
-        grad_logits = grad_logits.to(hidden_chunk.dtype)
-        torch.mm(grad_logits, weight, out=grad_hidden_chunk)
         grad_weight_acc += grad_logits.T @ hidden_chunk
 
 
@@ -73,7 +116,9 @@ def _new_grad_buffers(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     grad_hidden = torch.empty_like(hidden)  # (N, H), rows written chunk by chunk
-    grad_weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    # written by the first chunk's GEMM (no zero fill, no read of zeros); zeros without rows
+    new = torch.empty if hidden.shape[0] > 0 else torch.zeros
+    grad_weight_acc = new(weight.shape, dtype=torch.float32, device=weight.device)
     grad_bias_acc = (
         None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
     )
@@ -123,6 +168,7 @@ def ce_forward(
         grad_hidden, grad_weight_acc, grad_bias_acc = _new_grad_buffers(hidden, weight, bias)
 
     chunk = chunk_rows(num_tokens, vocab_size, opts.chunk_size, device)
+    buffer = _logits_buffer(hidden, weight, chunk)
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         hidden_chunk = hidden[start:end]  # (c, H)
@@ -130,16 +176,22 @@ def ce_forward(
         valid = labels_chunk != opts.ignore_index  # (c,)
         safe_labels = torch.where(valid, labels_chunk, 0).unsqueeze(1)  # (c, 1)
 
-        logits = _logits_fp32(hidden_chunk, weight, bias)  # (c, V) fp32
+        logits = _logits_fp32(hidden_chunk, weight, bias, buffer)  # (c, V) fp32
         if cap is not None:
             # tanh kept for the derivative d softcap / d x = 1 - tanh².
             tanh = torch.tanh(logits.div_(cap))  # (c, V); logits now holds x / cap
             logits = torch.mul(tanh, cap, out=logits)  # (c, V) capped logits s
-        lse_chunk = torch.logsumexp(logits, dim=1)  # (c,)
         target_logit = logits.gather(1, safe_labels).squeeze(1)  # (c,)
+        mean_logit = logits.mean(dim=1) if smoothing > 0.0 else None  # (c,)
+        # The row pass, in place: softmax p over the logits (one cache-blocked pass per row),
+        # and lse = max - log p[argmax] (p[argmax] = 1 / Σ exp(s - max), within [1/V, 1], so
+        # as exact as logsumexp's own m + log Σ).
+        row_max, argmax = logits.max(dim=1, keepdim=True)  # (c, 1) each
+        probs = torch.softmax(logits, dim=1, out=logits)  # (c, V) p
+        lse_chunk = (row_max - probs.gather(1, argmax).log_()).squeeze(1)  # (c,)
         row_loss = (1.0 - smoothing) * (lse_chunk - target_logit)
         if smoothing > 0.0:
-            row_loss += smoothing * (lse_chunk - logits.mean(dim=1))
+            row_loss += smoothing * (lse_chunk - mean_logit)
         if z_loss > 0.0:
             row_loss += z_loss * lse_chunk.square()
         loss[start:end] = torch.where(valid, row_loss, 0.0)
@@ -148,12 +200,16 @@ def ce_forward(
         if not with_grad:
             continue
         coef = torch.where(valid, row_coef[start:end], 0.0)  # (c,)
-        # d loss / d s_j = p_j (1 + 2 z lse) - (1 - ε) δ_jy - ε / V, each row scaled by coef.
-        grad_logits = logits.sub_(lse_chunk.unsqueeze(1)).exp_()  # (c, V) softmax p, in place
-        grad_logits *= (coef * (1.0 + 2.0 * z_loss * lse_chunk)).unsqueeze(1)
-        grad_logits.scatter_add_(1, safe_labels, (-(1.0 - smoothing) * coef).unsqueeze(1))
+        # d loss / d s_j = p_j (1 + 2 z lse) - (1 - ε) δ_jy - ε / V; each row's coefficient is
+        # applied by _accumulate_grads.
+        grad_logits = probs
+        if z_loss > 0.0:
+            grad_logits *= (1.0 + 2.0 * z_loss * lse_chunk).unsqueeze(1)
+        grad_logits.scatter_add_(
+            1, safe_labels, torch.full_like(target_logit, -(1.0 - smoothing)).unsqueeze(1)
+        )
         if smoothing > 0.0:
-            grad_logits -= (smoothing / vocab_size) * coef.unsqueeze(1)
+            grad_logits -= smoothing / vocab_size
         if cap is not None:
             grad_logits *= 1.0 - tanh.square_()  # chain rule through s = cap·tanh(x / cap)
         _accumulate_grads(
@@ -163,6 +219,8 @@ def ce_forward(
             grad_hidden[start:end],
             grad_weight_acc,
             grad_bias_acc,
+            first=start == 0,
+            row_scale=coef,
         )
 
     if not with_grad:
@@ -193,13 +251,14 @@ def logprobs_forward(
     )
 
     chunk = chunk_rows(num_tokens, weight.shape[0], opts.chunk_size, device)
+    buffer = _logits_buffer(hidden, weight, chunk)
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         labels_chunk = labels[start:end]  # (c,)
         valid = labels_chunk != opts.ignore_index
         safe_labels = torch.where(valid, labels_chunk, 0).unsqueeze(1)  # (c, 1)
 
-        scaled = _logits_fp32(hidden[start:end], weight, bias)  # (c, V) fp32
+        scaled = _logits_fp32(hidden[start:end], weight, bias, buffer)  # (c, V) fp32
         if opts.temperature != 1.0:
             scaled *= inv_temperature
         lse_chunk = torch.logsumexp(scaled, dim=1)  # (c,)
@@ -238,10 +297,11 @@ def logprobs_backward(
     grad_hidden, grad_weight_acc, grad_bias_acc = _new_grad_buffers(hidden, weight, bias)
 
     chunk = chunk_rows(num_tokens, weight.shape[0], opts.chunk_size, device)
+    buffer = _logits_buffer(hidden, weight, chunk)
     for start in range(0, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         hidden_chunk = hidden[start:end]  # (c, H)
-        scaled = _logits_fp32(hidden_chunk, weight, bias)  # (c, V) fp32
+        scaled = _logits_fp32(hidden_chunk, weight, bias, buffer)  # (c, V) fp32
         if opts.temperature != 1.0:
             scaled *= inv_temperature
         # Normalised afresh rather than as s - lse[start:end]: an fp32 lse carries an error of
@@ -281,5 +341,6 @@ def logprobs_backward(
             grad_hidden[start:end],
             grad_weight_acc,
             grad_bias_acc,
+            first=start == 0,
         )
     return _finish_grads(grad_hidden, grad_weight_acc, grad_bias_acc, weight, bias)
