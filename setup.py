@@ -16,5 +16,10 @@ packages = sorted(
 setup(
     packages=packages,
     package_dir={"drift_engine.kernels": "kernels"},
-    package_data={"drift_engine": ["py.typed"]},
+    # The demo's tiny model and problems and the example train config, found at run time
+    # through importlib.resources (drift_engine.assets.asset_path).
+    package_data={
+        "drift_engine": ["py.typed"],
+        "drift_engine.assets": ["guess-model/*", "guess-problems/*.jsonl", "train.toml"],
+    },
 )

@@ -6,7 +6,8 @@ Two parts:
   Llama, pretrained on synthetic games played by a mixture of scripted habits (bisect,
   step by one, repeat the last guess, guess at random). Sampled, it explores: sometimes it
   uses the feedback well, often not; greedy, it follows its most common habit.
-  ``scripts/build_toy_model.py`` builds it (seeded) into ``examples/guess-model``;
+  ``scripts/build_toy_model.py`` builds it (seeded) into ``drift_engine/assets/guess-model``,
+  which ships in the package;
   ``build_toy_model`` is the same code.
 * ``run_demo``: reference policy -> multi-turn rollouts -> returns and DRIFT weights ->
   importance-weighted SFT, plus a rejection-sampling baseline (unweighted SFT on the
@@ -356,15 +357,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def default_model_dir() -> Path:
-    """examples/guess-model of the source tree this package is imported from."""
-    return Path(__file__).resolve().parent.parent / "examples" / "guess-model"
+    """The toy reference model shipped in the package (drift_engine/assets/guess-model)."""
+    from drift_engine.assets import asset_path
+
+    return asset_path("guess-model")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """The demo's sizes and DRIFT settings; every number in its output is measured."""
 
-    model_dir: str = ""  # "" = examples/guess-model
+    model_dir: str = ""  # "" = the shipped model, default_model_dir()
     num_eval: int = 16  # held-out secrets; the other secrets of the range are trained on
     split_seed: int = 0
     # rollouts from the reference policy

@@ -25,7 +25,7 @@ _DEFAULTS = DemoConfig()
     "model_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Toy reference model folder (default: the shipped examples/guess-model).",
+    help="Toy reference model folder (default: the tiny model shipped in the package).",
 )
 @click.option(
     "--rebuild-model",

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
 from drift_engine.errors import ConfigError
+from drift_engine.train.config import DTypeName
 
 
 def parse_env_options(items: tuple[str, ...]) -> dict[str, Any]:
@@ -96,9 +97,10 @@ def _problem_options(f, env_required: bool):
     )(f)
     f = click.option(
         "--dtype",
+        type=click.Choice(get_args(DTypeName)),
         default="auto",
         show_default=True,
-        help="Model dtype (auto, bfloat16, float32 ...).",
+        help="Model dtype (auto: float32 on CPU, else the engine picks from the checkpoint).",
     )(f)
     return f
 
@@ -166,7 +168,13 @@ env_and_problem_options = problem_options(env_required=True)
     type=float,
     help="Write --out as a sharded set of files of at most this many MB (read as one set).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    " /--quiet",
+    default=True,
+    show_default=True,
+    help="Progress bar of the sampling (--quiet: --no-progress).",
+)
 @problem_options(env_required=False)
 def rollout(
     shards: tuple[str, ...],
@@ -187,7 +195,7 @@ def rollout(
     shard_world: int | None,
     keep_shards: bool | None,
     max_shard_mb: float | None,
-    quiet: bool,
+    progress: bool,
     env_spec: str | None,
     env_options: tuple[str, ...],
     fields: tuple[str, ...],
@@ -295,7 +303,7 @@ def rollout(
         shard_rank=rank,
         shard_world=world,
         # One progress bar per torchrun job (rank 0's), not one per rank.
-        progress=not quiet and (not launch.merge or rank == 0),
+        progress=progress and (not launch.merge or rank == 0),
         chat_template=chat_template,
     )
     rollouts = to_rollout_set(run, {META_REFERENCE_MODEL: model})
@@ -350,7 +358,7 @@ def _merge_only(
     from drift_engine.rollout.shards import merge_rollout_shards, problem_count, summary_lines
 
     ctx = click.get_current_context()
-    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "quiet"}
+    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "progress"}
     extra = [
         "--" + name.replace("_", "-")
         for name in ctx.params
