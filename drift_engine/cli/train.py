@@ -76,7 +76,9 @@ def build_config(
     twice = sorted(set(set_keys) & set(flag_keys))
     if twice:
         flag = "--" + next(n for n, k in _FLAG_KEYS.items() if k == twice[0]).replace("_", "-")
-        raise ConfigError(f"{twice[0]} is given twice: use {flag} or --set {twice[0]}=..., not both")
+        raise ConfigError(
+            f"{twice[0]} is given twice: use {flag} or --set {twice[0]}=..., not both"
+        )
     config = apply_overrides(config, set_keys)
     config = apply_overrides(config, flag_keys)
     return config.validate()
@@ -111,17 +113,11 @@ def _config_defaults(command: click.Command) -> click.Command:
 )
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--epochs", type=int, help="Passes over the rollouts.")
-@click.option(
-    "--batch-tokens", type=int, help="Token budget of one packed micro-batch."
-)
-@click.option(
-    "--grad-accum", type=int, help="Micro-batches per optimizer step and rank."
-)
+@click.option("--batch-tokens", type=int, help="Token budget of one packed micro-batch.")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step and rank.")
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--weight-decay", type=float, help="AdamW weight decay on matrices.")
-@click.option(
-    "--grad-clip", type=float, help="Clip the gradient norm to this (0: off)."
-)
+@click.option("--grad-clip", type=float, help="Clip the gradient norm to this (0: off).")
 @click.option(
     "--schedule",
     type=click.Choice(["constant_with_warmup", "cosine"]),
