@@ -388,8 +388,20 @@ class DemoConfig:
     weight_decay: float = 0.1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from drift_engine.weighting import WeightingConfig
+
+        WeightingConfig(gamma=self.gamma, beta=self.beta)  # bad values fail now, not later
+
     def resolved_model_dir(self) -> Path:
         return Path(self.model_dir) if self.model_dir else default_model_dir()
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse an output folder that holds an earlier run's training runs."""
+    for run_dir in ("drift", "rejection"):
+        if (out / run_dir).exists():
+            raise ConfigError(f"{out / run_dir} exists from an earlier run; choose another --out")
 
 
 @dataclass
@@ -449,13 +461,11 @@ def run_demo(
     model_dir = config.resolved_model_dir()
     if not (model_dir / "config.json").is_file():
         raise ConfigError(
-            f"no toy model in {model_dir}: build it with `python scripts/build_toy_model.py` "
-            "or run the demo with --rebuild-model"
+            f"no toy model in {model_dir} (no config.json): pass the folder of one with "
+            "--model, or run the demo with --rebuild-model to pretrain one"
         )
+    check_demo_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    for run_dir in ("drift", "rejection"):
-        if (out / run_dir).exists():
-            raise ConfigError(f"{out / run_dir} exists from an earlier run; choose another --out")
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     toy = _toy_config_of(model_dir)

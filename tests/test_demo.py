@@ -5,6 +5,7 @@ test's). tests/test_wheel.py runs the demo from an installed wheel."""
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,26 @@ def test_demo_pipeline_reduced(tmp_path):
 
     with pytest.raises(ConfigError, match="earlier run"):
         run_demo(out, config, log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--beta", "0"], "beta must be > 0"),
+        (["--gamma", "1.5"], "gamma must lie in [0, 1]"),
+        (["--rebuild-model", "--model", "m"], "--model or --rebuild-model"),
+        (["--rebuild-model"], "exists from an earlier run"),
+    ],
+)
+def test_cli_demo_checks_options_before_any_work(tmp_path, args, message):
+    out = tmp_path / "o"
+    (out / "drift").mkdir(parents=True)  # an earlier run's output
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.output.startswith("error: ")
+    assert sorted(p.name for p in out.iterdir()) == ["drift"]  # nothing built or written
+    assert time.perf_counter() - started < 10
 
 
 def test_cli_demo_reports_a_missing_model(tmp_path):
