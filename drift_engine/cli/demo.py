@@ -33,7 +33,8 @@ _DEFAULTS = DemoConfig()
     "model_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Toy reference model folder (default: the tiny model shipped in the package).",
+    show_default="the tiny model shipped in the package",
+    help="Toy reference model folder.",
 )
 @click.option(
     "--rebuild-model",
@@ -87,8 +88,9 @@ _DEFAULTS = DemoConfig()
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="torch CPU threads (default: torch's choice). On a machine shared with other "
-    "jobs, 1 is often fastest for this tiny model.",
+    show_default="torch's choice",
+    help="torch CPU threads. On a machine shared with other jobs, 1 is often fastest for "
+    "this tiny model.",
 )
 @click.option(
     "--progress/--no-progress",

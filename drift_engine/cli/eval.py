@@ -77,8 +77,8 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
     "--label",
     "labels",
     multiple=True,
-    help="Name of the model in tables and plots, one per --model in the same order "
-    "(default: the model folder's name).",
+    show_default="the model folder's name",
+    help="Name of the model in tables and plots, one per --model in the same order.",
 )
 @click.option("--max-turns", type=int, default=5, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")

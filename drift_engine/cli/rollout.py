@@ -151,17 +151,20 @@ env_and_problem_options = problem_options(env_required=True)
 @click.option(
     "--shard-rank",
     type=int,
-    help="With --shard-world: write only this shard, to merge later with --merge "
-    "(default: torchrun's RANK, and rank 0 merges).",
+    show_default="torchrun's RANK, and rank 0 merges",
+    help="With --shard-world: write only this shard, to merge later with --merge.",
 )
 @click.option(
-    "--shard-world", type=int, help="Number of shards (default: torchrun's WORLD_SIZE, else 1)."
+    "--shard-world",
+    type=int,
+    show_default="torchrun's WORLD_SIZE, else 1",
+    help="Number of shards.",
 )
 @click.option(
     "--keep-shards/--delete-shards",
     default=None,
-    help="Keep or delete the shard files (and preview pieces) once merged "
-    "[default: delete after a torchrun run, keep with --merge].",
+    show_default="delete after a torchrun run, keep with --merge",
+    help="Keep or delete the shard files (and preview pieces) once merged.",
 )
 @click.option(
     "--max-shard-mb",
