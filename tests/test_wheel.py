@@ -14,6 +14,7 @@ Takes about two minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -101,6 +102,11 @@ def test_wheel_is_the_package_imported(installed):
     ).stdout.strip()
     assert Path(found).is_relative_to(installed["python"].parent.parent), found
     assert not Path(found).is_relative_to(ROOT), found
+    # The Triton kernels ship too (imported on CUDA only; here, located without importing).
+    site = Path(found).parent.parent
+    source = importlib.util.find_spec("drift_engine.kernels").submodule_search_locations[0]
+    kernels = [p.name for p in Path(source).glob("*.py")]
+    assert kernels and all((site / "drift_engine" / "kernels" / k).is_file() for k in kernels)
 
 
 def test_every_subcommand_help(installed):
