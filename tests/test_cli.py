@@ -53,6 +53,8 @@ def test_usage_errors_are_one_error_line_exit_2(args, message):
 
 def test_help_and_version_still_exit_0():
     runner = CliRunner()
+    bare = runner.invoke(cli, [])  # no subcommand: the help, not an error line
+    assert "Commands:" in bare.output and "error:" not in bare.output
     assert runner.invoke(cli, ["--help"]).exit_code == 0
     assert runner.invoke(cli, ["train", "--help"]).exit_code == 0
     assert runner.invoke(cli, ["--version"]).exit_code == 0

@@ -16,6 +16,9 @@ import click
 
 from drift_engine.errors import DriftError
 
+# click >= 8.2 raises it for a group called without a subcommand
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", None)
+
 # command name -> "module:attribute" of its click.Command
 _COMMANDS = {
     "rollout": "drift_engine.cli.rollout:rollout",
@@ -69,6 +72,9 @@ class _LazyGroup(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as err:
+            if _NO_ARGS_IS_HELP is not None and isinstance(err, _NO_ARGS_IS_HELP):
+                err.show()  # `drift-engine` alone: the help, as click prints it
+                sys.exit(err.exit_code)
             click.echo(f"error: {usage_error_line(err)}", err=True)
             sys.exit(2)
         except click.Abort:
