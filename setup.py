@@ -11,5 +11,10 @@ from setuptools import find_packages, setup
 
 setup(
     packages=find_packages(include=["drift_engine", "drift_engine.*"]),
-    package_data={"drift_engine": ["py.typed"]},
+    # The demo's tiny model and problems and the example train config, found at run time
+    # through importlib.resources (drift_engine.assets.asset_path).
+    package_data={
+        "drift_engine": ["py.typed"],
+        "drift_engine.assets": ["guess-model/*", "guess-problems/*.jsonl", "train.toml"],
+    },
 )

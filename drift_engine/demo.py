@@ -6,7 +6,8 @@ Two parts:
   Llama, pretrained on synthetic games played by a mixture of scripted habits (bisect,
   step by one, repeat the last guess, guess at random). Sampled, it explores: sometimes it
   uses the feedback well, often not; greedy, it follows its most common habit.
-  ``scripts/build_toy_model.py`` builds it (seeded) into ``examples/guess-model``;
+  ``scripts/build_toy_model.py`` builds it (seeded) into ``drift_engine/assets/guess-model``,
+  which ships in the package;
   ``build_toy_model`` is the same code.
 * ``run_demo``: reference policy -> multi-turn rollouts -> returns and DRIFT weights ->
   importance-weighted SFT, plus a rejection-sampling baseline (unweighted SFT on the
@@ -356,15 +357,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def default_model_dir() -> Path:
-    """examples/guess-model of the source tree this package is imported from."""
-    return Path(__file__).resolve().parent.parent / "examples" / "guess-model"
+    """The toy reference model shipped in the package (drift_engine/assets/guess-model)."""
+    from drift_engine.assets import asset_path
+
+    return asset_path("guess-model")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """The demo's sizes and DRIFT settings; every number in its output is measured."""
 
-    model_dir: str = ""  # "" = examples/guess-model
+    model_dir: str = ""  # "" = the shipped model, default_model_dir()
     num_eval: int = 16  # held-out secrets; the other secrets of the range are trained on
     split_seed: int = 0
     # rollouts from the reference policy
@@ -385,8 +388,20 @@ class DemoConfig:
     weight_decay: float = 0.1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from drift_engine.weighting import WeightingConfig
+
+        WeightingConfig(gamma=self.gamma, beta=self.beta)  # bad values fail now, not later
+
     def resolved_model_dir(self) -> Path:
         return Path(self.model_dir) if self.model_dir else default_model_dir()
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse an output folder that holds an earlier run's training runs."""
+    for run_dir in ("drift", "rejection"):
+        if (out / run_dir).exists():
+            raise ConfigError(f"{out / run_dir} exists from an earlier run; choose another --out")
 
 
 @dataclass
@@ -446,13 +461,11 @@ def run_demo(
     model_dir = config.resolved_model_dir()
     if not (model_dir / "config.json").is_file():
         raise ConfigError(
-            f"no toy model in {model_dir}: build it with `python scripts/build_toy_model.py` "
-            "or run the demo with --rebuild-model"
+            f"no toy model in {model_dir} (no config.json): pass the folder of one with "
+            "--model, or run the demo with --rebuild-model to pretrain one"
         )
+    check_demo_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    for run_dir in ("drift", "rejection"):
-        if (out / run_dir).exists():
-            raise ConfigError(f"{out / run_dir} exists from an earlier run; choose another --out")
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     toy = _toy_config_of(model_dir)

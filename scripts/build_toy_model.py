@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the embedded demo's reference policy: examples/guess-model (and the toy problems).
+"""Build the embedded demo's reference policy (and the toy problems) into drift_engine/assets.
 
 The model is a tiny Llama (about 0.09M parameters) with a word-level tokenizer and a
 ChatML-style chat template, pretrained from scratch on synthetic guess-a-number games
@@ -13,7 +13,7 @@ Everything is seeded (``--seed``): the same command on the same software rebuild
 files. The build takes a few minutes on two CPU cores. ``drift-engine demo --rebuild-model``
 runs the same code into the demo's output folder instead.
 
-    python scripts/build_toy_model.py                      # -> examples/guess-model
+    python scripts/build_toy_model.py     # -> drift_engine/assets/guess-model, guess-problems/
     python scripts/build_toy_model.py --out /tmp/toy --seed 1
 """
 
@@ -34,17 +34,18 @@ from drift_engine.demo import (
 )
 from drift_engine.envs.guess import guess_problems
 
-ROOT = Path(__file__).resolve().parent.parent
+# The source tree's copy, which the package ships (not the installed package's).
+ASSETS = Path(__file__).resolve().parent.parent / "drift_engine" / "assets"
 
 
 def main() -> None:
     defaults = ToyModelConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "examples" / "guess-model")
+    parser.add_argument("--out", type=Path, default=ASSETS / "guess-model")
     parser.add_argument(
         "--problems-dir",
         type=Path,
-        default=ROOT / "examples" / "guess",
+        default=ASSETS / "guess-problems",
         help="where the toy problem files (train.jsonl, eval.jsonl) go",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -63,7 +64,7 @@ def main() -> None:
     build_toy_model(args.out, config)
 
     # The demo's split of the secrets, as problem files for the CLI
-    # (drift-engine rollout/eval --env guess --problems examples/guess/train.jsonl).
+    # (drift-engine rollout/eval --env guess --problems <assets>/guess-problems/train.jsonl).
     demo = DemoConfig()
     train, held_out = split_secrets(config.low, config.high, demo.num_eval, demo.split_seed)
     for name, secrets in (("train", train), ("eval", held_out)):

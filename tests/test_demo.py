@@ -1,14 +1,18 @@
-"""The embedded demo's pieces: tokenizer and chat template, the shipped toy model, the
-toy-model build, and the whole pipeline at a reduced size (outputs exist and are
-well-formed; whether DRIFT wins is the full demo's business, not a test's)."""
+"""The embedded demo's pieces: tokenizer and chat template, the shipped toy model and the
+other package assets, the toy-model build, and the whole pipeline at a reduced size
+(outputs exist and are well-formed; whether DRIFT wins is the full demo's business, not a
+test's). tests/test_wheel.py runs the demo from an installed wheel."""
 
 import json
 import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from drift_engine.assets import NAMES, asset_path
 from drift_engine.cli import cli
 from drift_engine.data.rollouts import load_rollouts
 from drift_engine.demo import (
@@ -23,8 +27,10 @@ from drift_engine.demo import (
     run_demo,
     split_secrets,
 )
+from drift_engine.envs import load_problems
 from drift_engine.envs.guess import GuessNumberEnv, parse_guess
 from drift_engine.errors import ConfigError
+from drift_engine.train.config import load_config
 
 SHIPPED = default_model_dir()
 
@@ -114,7 +120,41 @@ def test_split_secrets_is_a_seeded_partition():
         split_secrets(1, 8, 8, seed=0)
 
 
-@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="toy model not built")
+def test_shipped_assets_are_found_through_the_package():
+    import subprocess
+    import sys
+
+    import drift_engine
+
+    package = Path(drift_engine.__file__).parent
+    for name in NAMES:
+        path = asset_path(name)
+        assert path.exists() and path.is_relative_to(package), path
+    assert SHIPPED == asset_path("guess-model") and (SHIPPED / "config.json").is_file()
+    with pytest.raises(ConfigError, match="no shipped asset 'nope'"):
+        asset_path("nope")
+
+    # The example config is complete and valid apart from the paths a user gives.
+    example = load_config(asset_path("train.toml"))
+    assert example.model.name_or_path and example.data.path
+    printed = subprocess.run(
+        [sys.executable, "-m", "drift_engine.assets", "train.toml"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert printed == asset_path("train.toml").read_text()
+
+    # The shipped problems are the demo's held-out split of the shipped model's game.
+    info = json.loads((SHIPPED / "build_info.json").read_text())["config"]
+    env = GuessNumberEnv(low=info["low"], high=info["high"])
+    demo = DemoConfig()
+    train, held_out = split_secrets(info["low"], info["high"], demo.num_eval, demo.split_seed)
+    for name, secrets in (("train", train), ("eval", held_out)):
+        problems = load_problems(str(asset_path(f"guess-problems/{name}.jsonl")), env=env)
+        assert [p["secret"] for p in problems] == secrets
+
+
 def test_shipped_model_loads_and_answers_in_format():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +219,6 @@ def test_build_toy_model_small(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="toy model not built")
 def test_demo_pipeline_reduced(tmp_path):
     out = tmp_path / "demo"
     config = DemoConfig(num_eval=4, samples_per_prompt=2, steps=2, batch_tokens=256, grad_accum=1)
@@ -214,6 +253,26 @@ def test_demo_pipeline_reduced(tmp_path):
 
     with pytest.raises(ConfigError, match="earlier run"):
         run_demo(out, config, log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--beta", "0"], "beta must be > 0"),
+        (["--gamma", "1.5"], "gamma must lie in [0, 1]"),
+        (["--rebuild-model", "--model", "m"], "--model or --rebuild-model"),
+        (["--rebuild-model"], "exists from an earlier run"),
+    ],
+)
+def test_cli_demo_checks_options_before_any_work(tmp_path, args, message):
+    out = tmp_path / "o"
+    (out / "drift").mkdir(parents=True)  # an earlier run's output
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.output.startswith("error: ")
+    assert sorted(p.name for p in out.iterdir()) == ["drift"]  # nothing built or written
+    assert time.perf_counter() - started < 10
 
 
 def test_cli_demo_reports_a_missing_model(tmp_path):

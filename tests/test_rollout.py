@@ -398,7 +398,7 @@ def test_cli_rollout_writes_file_preview_and_summary(tmp_path):
         ({"--problems": "EMPTY"}, "empty"),
         ({"--problems": "MISSING_FIELD"}, "answer"),
         ({"--model": "NO_TEMPLATE"}, "no chat template"),
-        ({"--model": "TINY", "--dtype": "fp7"}, "unknown dtype 'fp7'"),
+        ({"--model": "TINY", "--dtype": "fp7"}, "'fp7' is not one of"),
     ],
 )
 def test_cli_rollout_bad_input_exits_2(tmp_path, change, message):

@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module and is registered lazily, so ``--help`` is fast
 and a missing optional dependency only affects the command that needs it. User errors
-(``DriftError``) print one line and exit with code 2; no traceback.
+(``DriftError``, and click's own usage errors: a missing option, a bad value, an unknown
+flag) print one ``error:`` line and exit with code 2; no traceback, no usage dump. Every
+``--help`` shows defaults the same way, ``[default: ...]``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import sys
 import click
 
 from drift_engine.errors import DriftError
+
+# click >= 8.2 raises it for a group called without a subcommand
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", None)
 
 # command name -> "module:attribute" of its click.Command
 _COMMANDS = {
@@ -61,8 +66,36 @@ class _LazyGroup(click.Group):
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            if _NO_ARGS_IS_HELP is not None and isinstance(err, _NO_ARGS_IS_HELP):
+                err.show()  # `drift-engine` alone: the help, as click prints it
+                sys.exit(err.exit_code)
+            click.echo(f"error: {usage_error_line(err)}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+def usage_error_line(err: click.ClickException) -> str:
+    """Click's message on one line, with where to read the command's options."""
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        message += f" (see: {ctx.command_path} --help)"
+    return message
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="drift-engine")
 def cli() -> None:
     """drift-engine: DRIFT (offline multi-turn rollouts + importance-weighted SFT), fast and exact."""

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import click
 
-from drift_engine.demo import DemoConfig, ToyModelConfig, build_toy_model, run_demo
+from drift_engine.demo import (
+    DemoConfig,
+    ToyModelConfig,
+    build_toy_model,
+    check_demo_out,
+    run_demo,
+)
+from drift_engine.errors import ConfigError
 
 _DEFAULTS = DemoConfig()
 
@@ -25,7 +33,8 @@ _DEFAULTS = DemoConfig()
     "model_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Toy reference model folder (default: the shipped examples/guess-model).",
+    show_default="the tiny model shipped in the package",
+    help="Toy reference model folder.",
 )
 @click.option(
     "--rebuild-model",
@@ -79,8 +88,9 @@ _DEFAULTS = DemoConfig()
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="torch CPU threads (default: torch's choice). On a machine shared with other "
-    "jobs, 1 is often fastest for this tiny model.",
+    show_default="torch's choice",
+    help="torch CPU threads. On a machine shared with other jobs, 1 is often fastest for "
+    "this tiny model.",
 )
 @click.option(
     "--progress/--no-progress",
@@ -119,10 +129,10 @@ def demo(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # model load/save bars would drown the report
+    if rebuild_model and model_dir is not None:
+        raise ConfigError("give --model or --rebuild-model, not both.")
     out_dir = Path(out)
-    if rebuild_model:
-        model_dir = str(build_toy_model(out_dir / "guess-model", ToyModelConfig(), log=click.echo))
-    config = DemoConfig(
+    config = DemoConfig(  # checks the options before minutes of work
         model_dir=model_dir or "",
         samples_per_prompt=samples_per_prompt,
         steps=steps,
@@ -131,6 +141,10 @@ def demo(
         beta=beta,
         seed=seed,
     )
+    check_demo_out(out_dir)
+    if rebuild_model:
+        built = build_toy_model(out_dir / "guess-model", ToyModelConfig(), log=click.echo)
+        config = dataclasses.replace(config, model_dir=str(built))
     result = run_demo(out_dir, config, log=click.echo, progress=progress)
 
     from drift_engine.evaluate import format_table

@@ -2,6 +2,7 @@
 
 Writes ``<out>/<benchmark>.json`` (every model's multi@1..K and per-problem first correct
 turn), ``<out>/<benchmark>.md`` (the table) and ``<out>/<benchmark>.png`` (multi@k vs k).
+An ``--out`` folder that already holds files is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -29,6 +30,34 @@ def _model_label(path: str, taken: set[str]) -> str:
     return label
 
 
+def model_labels(models: tuple[str, ...], labels: tuple[str, ...]) -> list[str]:
+    """One label per model: the --label values in order, else each folder's name
+    (made unique with -2, -3, ...)."""
+    if not labels:
+        taken: set[str] = set()
+        return [_model_label(model, taken) for model in models]
+    if len(labels) != len(models):
+        raise ConfigError(
+            f"got {len(labels)} --label for {len(models)} --model; give one --label per "
+            "--model, in the same order (or none, to label models by their folder names)."
+        )
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ConfigError(f"--label {repeated[0]!r} is given twice; each model needs its own.")
+    return list(labels)
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a file, or into a folder with files, unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder.")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out} already holds files (an earlier evaluation?); choose another "
+            "folder or pass --overwrite to write over its results."
+        )
+
+
 @click.command("eval")
 @click.option(
     "--model",
@@ -44,14 +73,33 @@ def _model_label(path: str, taken: set[str]) -> str:
     multiple=True,
     help="Benchmark: JSONL file or hf:NAME (repeatable).",
 )
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    show_default="the model folder's name",
+    help="Name of the model in tables and plots, one per --model in the same order.",
+)
 @click.option("--max-turns", type=int, default=5, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@click.option(
+    "--overwrite", is_flag=True, help="Write into an --out folder that already holds files."
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Progress bar of each model's episodes.",
+)
 @env_and_problem_options
 def eval_command(
     models: tuple[str, ...],
     problem_sources: tuple[str, ...],
+    labels: tuple[str, ...],
     max_turns: int,
     out: str,
+    overwrite: bool,
+    progress: bool,
     env_spec: str,
     env_options: tuple[str, ...],
     fields: tuple[str, ...],
@@ -81,6 +129,9 @@ def eval_command(
 
     if max_turns < 1:
         raise ConfigError(f"--max-turns must be at least 1, got {max_turns}.")
+    out_dir = Path(out)
+    check_out_folder(out_dir, overwrite)
+    names = model_labels(models, labels)
     env = load_environment(env_spec, **parse_env_options(env_options))
     field_map = parse_field_mapping(fields)
     benchmarks = {}
@@ -94,8 +145,7 @@ def eval_command(
     chat_template = read_chat_template(chat_template_file)
 
     results = {name: [] for name in benchmarks}
-    labels: set[str] = set()
-    for model in models:
+    for model, label in zip(models, names, strict=True):
         tokenizer = load_tokenizer(model)
         ChatFormatter(tokenizer, chat_template)
         engine = create_engine(
@@ -106,8 +156,9 @@ def eval_command(
             max_batch_size=batch_size,
             pad_token_id=padding_token_id(tokenizer),
         )
-        label = _model_label(model, labels)
         for name, problems in benchmarks.items():
+            if progress:
+                click.echo(f"{label} on {name} ({len(problems)} problems)", err=True)
             result = evaluate_multi_at_k(
                 engine,
                 tokenizer,
@@ -118,11 +169,11 @@ def eval_command(
                 chat_template=chat_template,
                 model=label,
                 benchmark=name,
+                progress=progress,
             )
             results[name].append(result)
         del engine  # free the model before loading the next one
 
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in results.items():
         table = format_table(rows)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
 from drift_engine.errors import ConfigError
+from drift_engine.train.config import DTypeName
 
 
 def parse_env_options(items: tuple[str, ...]) -> dict[str, Any]:
@@ -96,9 +97,10 @@ def _problem_options(f, env_required: bool):
     )(f)
     f = click.option(
         "--dtype",
+        type=click.Choice(get_args(DTypeName)),
         default="auto",
         show_default=True,
-        help="Model dtype (auto, bfloat16, float32 ...).",
+        help="Model dtype (auto: float32 on CPU, else the engine picks from the checkpoint).",
     )(f)
     return f
 
@@ -149,24 +151,26 @@ env_and_problem_options = problem_options(env_required=True)
 @click.option(
     "--shard-rank",
     type=int,
-    help="With --shard-world: write only this shard, to merge later with --merge "
-    "(default: torchrun's RANK, and rank 0 merges).",
+    show_default="torchrun's RANK, and rank 0 merges",
+    help="With --shard-world: write only this shard, to merge later with --merge.",
 )
 @click.option(
-    "--shard-world", type=int, help="Number of shards (default: torchrun's WORLD_SIZE, else 1)."
+    "--shard-world",
+    type=int,
+    show_default="torchrun's WORLD_SIZE, else 1",
+    help="Number of shards.",
 )
 @click.option(
     "--keep-shards/--delete-shards",
     default=None,
-    help="Keep or delete the shard files (and preview pieces) once merged "
-    "[default: delete after a torchrun run, keep with --merge].",
+    show_default="delete after a torchrun run, keep with --merge",
+    help="Keep or delete the shard files (and preview pieces) once merged.",
 )
 @click.option(
     "--max-shard-mb",
     type=float,
     help="Write --out as a sharded set of files of at most this many MB (read as one set).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -181,6 +185,13 @@ env_and_problem_options = problem_options(env_required=True)
     metavar="PROMPTS",
     help="Write finished trajectories to <out>.partial/ every PROMPTS prompts; a rerun with "
     "the same settings continues from there.",
+)
+@click.option(
+    "--progress/--no-progress",
+    " /--quiet",
+    default=True,
+    show_default=True,
+    help="Progress bar of the sampling (--quiet: --no-progress).",
 )
 @problem_options(env_required=False)
 def rollout(
@@ -202,9 +213,9 @@ def rollout(
     shard_world: int | None,
     keep_shards: bool | None,
     max_shard_mb: float | None,
-    quiet: bool,
     overwrite: bool,
     prompts_per_part: int,
+    progress: bool,
     env_spec: str | None,
     env_options: tuple[str, ...],
     fields: tuple[str, ...],
@@ -326,7 +337,7 @@ def rollout(
         shard_world=world,
         prompts_per_part=prompts_per_part,
         # One progress bar per torchrun job (rank 0's), not one per rank.
-        progress=not quiet and (not launch.merge or rank == 0),
+        progress=progress and (not launch.merge or rank == 0),
         chat_template=chat_template,
         metadata={META_REFERENCE_MODEL: model},
         preview=preview_path,
@@ -383,7 +394,7 @@ def _merge_only(
     from drift_engine.rollout.shards import merge_rollout_shards, problem_count, summary_lines
 
     ctx = click.get_current_context()
-    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "quiet", "overwrite"}
+    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "progress", "overwrite"}
     extra = [
         "--" + name.replace("_", "-")
         for name in ctx.params
