@@ -71,9 +71,10 @@ def test_lora_trains_adapters_only_and_exports_a_peft_adapter(workspace, tmp_pat
     # The checkpoint's export is a peft adapter (no full model) that loads onto the base
     # model and reproduces the trained model.
     checkpoint = result.checkpoint
-    assert (checkpoint / "adapter_config.json").is_file()
-    assert not (checkpoint / "model.safetensors").exists()
-    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert result.model == checkpoint / "model"
+    assert (result.model / "adapter_config.json").is_file()
+    assert not (result.model / "model.safetensors").exists()
+    saved = load_file(result.model / "adapter_model.safetensors")
     assert len(saved) == len(adapters)
     # The resume state holds the adapters, not the frozen base model.
     reader = dcp.FileSystemReader(checkpoint / "trainer" / "dcp")
@@ -132,8 +133,8 @@ def test_lora_resume_reproduces_uninterrupted_run(workspace, tmp_path):
     for a, b in zip(straight[2:], resumed, strict=True):
         for key in ("loss", "grad_norm", "lr", "tokens", "epoch"):
             assert a[key] == b[key], key
-    final_a = load_file(straight_dir / "checkpoint-000004" / "adapter_model.safetensors")
-    final_b = load_file(resumed_dir / "checkpoint-000004" / "adapter_model.safetensors")
+    final_a = load_file(straight_dir / "checkpoint-000004" / "model" / "adapter_model.safetensors")
+    final_b = load_file(resumed_dir / "checkpoint-000004" / "model" / "adapter_model.safetensors")
     assert final_a.keys() == final_b.keys()
     for name, tensor in final_a.items():
         assert torch.equal(final_b[name], tensor), name
