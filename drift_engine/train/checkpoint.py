@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import pickle
 import random
@@ -363,13 +364,12 @@ def load_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     bundle = {"model": model_sd, "optim": optim_sd}
     dcp_dir = path / "trainer" / "dcp"
+    reader = _SafeFileSystemReader(str(dcp_dir))
     try:
+        reader.read_metadata()  # first on its own, for a clear error (dcp.load rereads it)
         with _quiet_single_process():
             dcp.load(
-                bundle,
-                storage_reader=_SafeFileSystemReader(str(dcp_dir)),
-                planner=_SafeLoadPlanner(),
-                no_dist=not ctx.is_distributed,
+                bundle, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=not ctx.is_distributed
             )
     except (CheckpointException, Exception) as err:
         raise _load_error(dcp_dir, err) from None
@@ -509,10 +509,17 @@ def _load_error(dcp_dir: Path, err: BaseException) -> CheckpointError:
 
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
-    # DCP warns that it assumes a single process even when told so with no_dist=True.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    # DCP warns that it assumes a single process even when told so with no_dist=True, and
+    # logs tracebacks of the errors it then raises (reported here as one line instead).
+    dcp_logger = logging.getLogger("torch.distributed.checkpoint")
+    level = dcp_logger.level
+    dcp_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    finally:
+        dcp_logger.setLevel(level)
 
 
 def _rng_state() -> dict[str, Any]:

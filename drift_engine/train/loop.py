@@ -667,11 +667,23 @@ def _weighting_config(config: TrainConfig) -> WeightingConfig:
     return WeightingConfig(**given)
 
 
+# Files of which a model folder with a tokenizer holds at least one.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
 def _load_tokenizer(name_or_path: str) -> Any:
     """The model's tokenizer, or None when the model folder/id has none (config-only
-    models); the export then holds the model alone."""
+    models); the export then holds the model alone. (transformers builds an empty
+    tokenizer from config.json alone for some architectures: a local folder without any
+    tokenizer file counts as having none.)"""
     from transformers import AutoTokenizer
 
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError, KeyError):
