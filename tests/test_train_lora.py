@@ -81,7 +81,7 @@ def test_lora_trains_adapters_only_and_exports_a_peft_adapter(workspace, tmp_pat
     stored = [k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")]
     assert sorted(stored) == sorted(f"model.{n}" for n in adapters)
     loaded = peft.PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager"), checkpoint
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager"), result.model
     )
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     model.eval()
@@ -92,6 +92,40 @@ def test_lora_trains_adapters_only_and_exports_a_peft_adapter(workspace, tmp_pat
             untrained = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (untrained - expected).abs().max() > 1e-2  # the adapter does change the outputs
+
+
+def test_lora_merged_export(workspace, tmp_path):
+    """--merge-lora: checkpoint-N/model is the full model with the adapters folded in."""
+    from transformers import AutoModelForCausalLM
+
+    from drift_engine.train.loop import Trainer
+
+    model_dir = workspace["models"]["qwen2"]
+    config = base_config(
+        workspace,
+        tmp_path / "out",
+        **{"model.lora.r": 4, "data.max_steps": 2, "optim.lr": 1e-2, "checkpoint.merge_lora": True},
+    )
+    trainer = Trainer(config)
+    result = trainer.fit()
+    assert not (result.model / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(result.model, attn_implementation="eager")
+    assert merged.state_dict().keys() == load_file(model_dir / "model.safetensors").keys()
+    assert "merged model" in (result.model / "README.md").read_text()
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits  # (2, 24, V)
+        got = merged(input_ids=ids).logits
+        with trainer.model.disable_adapter():
+            untrained = trainer.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (untrained - expected).abs().max() > 1e-3  # the adapters were merged in
+    # the live model was not merged in place: its base weights are the initial ones
+    initial = load_file(model_dir / "model.safetensors")
+    base = {base_name(n): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    for name, tensor in initial.items():
+        assert torch.equal(base[name], tensor), name
 
 
 def test_lora_resume_reproduces_uninterrupted_run(workspace, tmp_path):
