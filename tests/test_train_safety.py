@@ -181,7 +181,9 @@ def test_nonfinite_step_is_skipped_and_training_goes_on(workspace, tmp_path, mon
         workspace, tmp_path / "out", **{"data.max_steps": 3, "optim.max_nonfinite_steps": 2}
     )
     snapshots, records = [], []
-    trainer = Trainer(config, on_step_end=lambda r: (records.append(r), snapshots.append(_snapshot(trainer))))
+    trainer = Trainer(
+        config, on_step_end=lambda r: (records.append(r), snapshots.append(_snapshot(trainer)))
+    )
     trainer.fit()
     assert [r["skipped"] for r in records] == [False, True, False]
     assert math.isnan(records[1]["loss"])
@@ -213,7 +215,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run(workspace, tmp_path, monkeypatch)
 
 def test_divergence_exits_nonzero_with_one_line(workspace, tmp_path, monkeypatch):
     _nan_loss_at(monkeypatch, {1, 2})
-    result = train_cli(workspace, tmp_path / "out", "--max-steps", "3", "--max-nonfinite-steps", "1")
+    result = train_cli(
+        workspace, tmp_path / "out", "--max-steps", "3", "--max-nonfinite-steps", "1"
+    )
     one_error_line(result, "training diverged", "step 1")
 
 
@@ -286,7 +290,7 @@ def test_resume_from_older_checkpoint_replaces_newer_ones(workspace, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
 
-def test_resume_with_other_data_is_refused(workspace, tmp_path):
+def test_resume_with_other_data_or_model_is_refused(workspace, tmp_path):
     out = tmp_path / "out"
     run(base_config(workspace, out, **{"data.max_steps": 1}))
     other = tmp_path / "other.safetensors"
@@ -296,6 +300,11 @@ def test_resume_with_other_data_is_refused(workspace, tmp_path):
     resume = {"data.max_steps": 2, "checkpoint.resume": "latest"}
     with pytest.raises(ConfigError, match=r"data \(content\)"):
         Trainer(base_config(workspace, out, **resume, **{"data.path": str(other)}))
+    from test_train import make_model_dir
+
+    another = make_model_dir(tmp_path / "another", "qwen2", seed=1)  # same architecture
+    with pytest.raises(ConfigError, match="model.name_or_path: .* -> .*another"):
+        Trainer(base_config(workspace, out, **resume, **{"model.name_or_path": str(another)}))
     # the same data at another path is the same data
     Trainer(base_config(workspace, out, **resume, **{"data.path": str(moved)})).fit()
 
@@ -386,3 +395,17 @@ def test_load_checkpoint_refuses_unknown_state_fields(workspace, one_step_run):
     state.write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="unknown fields"):
         checkpoint_module.read_trainer_state(one_step_run / "checkpoint-000001")
+
+
+def test_train_command_tears_the_process_group_down(workspace, tmp_path, monkeypatch):
+    """Also when training fails after joining it (here: on an empty rollouts file)."""
+    import torch.distributed as dist
+
+    destroyed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: destroyed.append(True))
+    empty = tmp_path / "empty.safetensors"
+    save_rollouts(empty, RolloutSet.from_trajectories([], [], [], []))
+    result = train_cli(workspace, tmp_path / "out", "--data", str(empty))
+    one_error_line(result, "holds no trajectories")
+    assert destroyed == [True]

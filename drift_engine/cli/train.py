@@ -177,6 +177,5 @@ def train(config_file: str | None, **flags: Any) -> None:
             dist.destroy_process_group()
     if trainer.ctx.is_main:
         click.echo(
-            f"trained {result.steps} steps; checkpoint: {result.checkpoint}; "
-            f"model: {result.model}"
+            f"trained {result.steps} steps; checkpoint: {result.checkpoint}; model: {result.model}"
         )

@@ -105,6 +105,14 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-NNNNNN`` folder."""
+    match = _CHECKPOINT_RE.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a {CHECKPOINT_PREFIX}NNNNNN folder")
+    return int(match.group(1))
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``out_dir``, oldest first."""
     out_dir = Path(out_dir)
@@ -369,7 +377,10 @@ def load_checkpoint(
         reader.read_metadata()  # first on its own, for a clear error (dcp.load rereads it)
         with _quiet_single_process():
             dcp.load(
-                bundle, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=not ctx.is_distributed
+                bundle,
+                storage_reader=reader,
+                planner=_SafeLoadPlanner(),
+                no_dist=not ctx.is_distributed,
             )
     except (CheckpointException, Exception) as err:
         raise _load_error(dcp_dir, err) from None
@@ -431,7 +442,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = (module, name) in _SAFE_GLOBALS or (
             module == "torch"
-            and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+            and isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+            )
         )
         if not allowed:
             raise _UnsafeCheckpoint(f"it names {module}.{name}, which is not a DCP metadata type")

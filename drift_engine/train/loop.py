@@ -47,7 +47,7 @@ from drift_engine.models.loading import check_position_table
 from drift_engine.train.checkpoint import (
     MODEL_DIR,
     TrainerState,
-    checkpoint_name,
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     read_trainer_state,
@@ -166,7 +166,9 @@ class Trainer:
             model,
             self.rollouts.lengths().clamp_max(config.data.batch_tokens),  # as packing truncates
             fix="lower --batch-tokens to at most that many (longer trajectories are then "
-            "truncated from the left), or leave the long trajectories out of the rollouts",
+            "truncated from the left), leave the long trajectories out of the rollouts, or, "
+            "to train a longer context on purpose, raise max_position_embeddings in the "
+            "model's config.json",
         )
         self.tokenizer = _load_tokenizer(config.model.name_or_path)
         self.tokenizer_check = self._tokenizer_check()
@@ -367,7 +369,7 @@ class Trainer:
         newer = [
             path
             for path in list_checkpoints(self.out_dir)
-            if path.name > checkpoint_name(self.state.step)
+            if checkpoint_step(path) > self.state.step
         ]
         if self.ctx.is_main:
             for path in newer:
@@ -441,9 +443,7 @@ class Trainer:
                 progress.update(record["loss"], tokens_per_s, record["lr"])
                 if record["skipped"]:
                     self._nonfinite_step(record, nonfinite_in_row, last_checkpoint, progress)
-                elif (
-                    every and self.state.step % every == 0 and self.state.step < self.total_steps
-                ):
+                elif every and self.state.step % every == 0 and self.state.step < self.total_steps:
                     last_checkpoint = self._save()
                 if self.on_step_end is not None:
                     self.on_step_end(record)
@@ -583,13 +583,17 @@ class Trainer:
         lora = config.model.lora
         export = "full model"
         if lora.r > 0:
-            export = "merged model (LoRA folded in)" if config.checkpoint.merge_lora else (
-                "LoRA adapter (peft)"
+            export = (
+                "merged model (LoRA folded in)"
+                if config.checkpoint.merge_lora
+                else ("LoRA adapter (peft)")
             )
         lines = [
             "---",
             f"base_model: {config.model.name_or_path}",
-            "library_name: transformers" if export != "LoRA adapter (peft)" else "library_name: peft",
+            "library_name: transformers"
+            if export != "LoRA adapter (peft)"
+            else "library_name: peft",
             "tags: [drift-engine, drift, weighted-sft]",
             "---",
             "",
@@ -719,10 +723,12 @@ def _same_folder(a: Any, b: Any) -> bool:
 
 def _data_fingerprint(rs: RolloutSet) -> dict[str, Any]:
     """Identity of a rollout set, cheap at any size: counts, and a hash of the boundaries,
-    rewards, stored weights and a strided sample of at most ~1M tokens."""
+    rewards, stored weights and 64 evenly spaced runs of 4096 tokens (a few reads even when
+    the file is memory-mapped)."""
     h = hashlib.sha256()
-    sample = rs.input_ids[:: max(1, rs.num_tokens // 1_000_000)]
-    for tensor in (rs.cu_seqlens, rs.turn_rewards, rs.weights, sample):
+    starts = torch.linspace(0, max(rs.num_tokens - 4096, 0), 64).long().unique()
+    runs = [rs.input_ids[int(a) : int(a) + 4096] for a in starts]
+    for tensor in (rs.cu_seqlens, rs.turn_rewards, rs.weights, *runs):
         if tensor is not None:
             h.update(tensor.contiguous().numpy().tobytes())
     return {

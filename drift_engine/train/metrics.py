@@ -1,7 +1,7 @@
 """Training metrics: ``metrics.jsonl`` (one line per optimizer step) and the progress bar.
 
 Only the main rank writes. Values arrive as Python numbers: the trainer moves the step's
-device scalars to the host once per step, after the optimizer step.
+device scalars to the host once per step.
 """
 
 from __future__ import annotations
