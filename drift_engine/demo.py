@@ -586,7 +586,7 @@ def run_demo(
         with _timed(seconds, f"train_{name}"):
             trained = train(train_config)
         log(f"{name}: {trained.steps} steps, final loss {trained.last_metrics['loss']:.4f}")
-        return HFEngine.from_pretrained(str(trained.checkpoint), max_batch_size=batch)
+        return HFEngine.from_pretrained(str(trained.model), max_batch_size=batch)
 
     results.append(evaluate(finetune("drift", files["rollouts"]), "DRIFT"))
     results.append(

@@ -19,3 +19,11 @@ class ConfigError(DriftError):
 
 class EnvironmentSpecError(DriftError):
     """An environment or problem file cannot be loaded or is malformed."""
+
+
+class CheckpointError(DriftError):
+    """A training checkpoint is incomplete, corrupt, unsafe to load, or does not match the run."""
+
+
+class TrainingDivergedError(DriftError):
+    """Training produced non-finite losses, gradients or parameters and was stopped."""

@@ -249,7 +249,7 @@ def test_demo_pipeline_reduced(tmp_path):
     assert torch.equal(rejection.weights, torch.ones(rejection.num_trajectories))
     assert (torch.nan_to_num(rejection.turn_rewards) > 0).any(dim=1).all()
     for run in ("drift", "rejection"):
-        assert list((out / run).glob("checkpoint-*/model.safetensors"))
+        assert list((out / run).glob("checkpoint-*/model/model.safetensors"))
 
     with pytest.raises(ConfigError, match="earlier run"):
         run_demo(out, config, log=lambda _: None)

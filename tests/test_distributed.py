@@ -344,8 +344,8 @@ def _exported(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     (checkpoint,) = sorted(out.glob("checkpoint-*"))
-    adapter = checkpoint / "adapter_model.safetensors"  # LoRA runs export the adapters
-    return load_file(adapter if adapter.exists() else checkpoint / "model.safetensors")
+    adapter = checkpoint / "model" / "adapter_model.safetensors"  # LoRA runs: the adapters
+    return load_file(adapter if adapter.exists() else checkpoint / "model" / "model.safetensors")
 
 
 @pytest.mark.slow

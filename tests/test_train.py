@@ -143,7 +143,7 @@ def run(config: TrainConfig, stop_at: int | None = None) -> list[dict]:
 
 
 def exported_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint / "model.safetensors")
+    return load_file(checkpoint / "model" / "model.safetensors")
 
 
 # ----------------------------------------------------------------------------- config

@@ -66,6 +66,12 @@ def test_train_end_to_end(inputs, tmp_path):
 
     # The export loads with transformers and differs from the initial weights.
     checkpoint = out / "checkpoint-000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model", "trainer"]
+    assert "model: " + str(checkpoint / "model") in result.output
+    card = (checkpoint / "model" / "README.md").read_text()
+    assert f"base_model: {inputs['model']}" in card and str(inputs["data"]) in card
+    checkpoint = checkpoint / "model"  # the Hugging Face export, alone in its folder
+    assert not (checkpoint / "trainer").exists()
     trained = AutoModelForCausalLM.from_pretrained(checkpoint)
     initial = AutoModelForCausalLM.from_pretrained(inputs["model"])
     assert AutoTokenizer.from_pretrained(checkpoint).get_vocab() == inputs["tokenizer"].get_vocab()
@@ -77,10 +83,21 @@ def test_train_end_to_end(inputs, tmp_path):
 
     # Resuming a finished run trains nothing more and keeps the checkpoint.
     resume = ["--config", str(config), "--max-steps", "2", "--resume", "--device", "cpu"]
-    result = invoke(*common, *resume)
+    result = invoke(*common, *resume, "--lr", "1e-3")
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output
     assert (out / "checkpoint-000002").is_dir()
+
+    # Resuming with another learning rate (the TOML file's, without the flag) is refused,
+    # unless asked for; then run.json records the change.
+    result = invoke(*common, *resume)
+    assert result.exit_code == 2
+    assert "optim.lr: 0.001 -> 0.01" in result.output and "--allow-config-change" in result.output
+    assert json.loads((out / "run.json").read_text())["config"]["optim"]["lr"] == 1e-3
+    result = invoke(*common, *resume, "--allow-config-change")
+    assert result.exit_code == 0, result.output
+    overrides = json.loads((out / "run.json").read_text())["resume_overrides"]
+    assert overrides == [{"key": "optim.lr", "checkpoint": 1e-3, "now": 1e-2}]
 
 
 @pytest.mark.parametrize(

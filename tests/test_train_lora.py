@@ -71,16 +71,17 @@ def test_lora_trains_adapters_only_and_exports_a_peft_adapter(workspace, tmp_pat
     # The checkpoint's export is a peft adapter (no full model) that loads onto the base
     # model and reproduces the trained model.
     checkpoint = result.checkpoint
-    assert (checkpoint / "adapter_config.json").is_file()
-    assert not (checkpoint / "model.safetensors").exists()
-    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert result.model == checkpoint / "model"
+    assert (result.model / "adapter_config.json").is_file()
+    assert not (result.model / "model.safetensors").exists()
+    saved = load_file(result.model / "adapter_model.safetensors")
     assert len(saved) == len(adapters)
     # The resume state holds the adapters, not the frozen base model.
     reader = dcp.FileSystemReader(checkpoint / "trainer" / "dcp")
     stored = [k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")]
     assert sorted(stored) == sorted(f"model.{n}" for n in adapters)
     loaded = peft.PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager"), checkpoint
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager"), result.model
     )
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     model.eval()
@@ -91,6 +92,40 @@ def test_lora_trains_adapters_only_and_exports_a_peft_adapter(workspace, tmp_pat
             untrained = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (untrained - expected).abs().max() > 1e-2  # the adapter does change the outputs
+
+
+def test_lora_merged_export(workspace, tmp_path):
+    """--merge-lora: checkpoint-N/model is the full model with the adapters folded in."""
+    from transformers import AutoModelForCausalLM
+
+    from drift_engine.train.loop import Trainer
+
+    model_dir = workspace["models"]["qwen2"]
+    config = base_config(
+        workspace,
+        tmp_path / "out",
+        **{"model.lora.r": 4, "data.max_steps": 2, "optim.lr": 1e-2, "checkpoint.merge_lora": True},
+    )
+    trainer = Trainer(config)
+    result = trainer.fit()
+    assert not (result.model / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(result.model, attn_implementation="eager")
+    assert merged.state_dict().keys() == load_file(model_dir / "model.safetensors").keys()
+    assert "merged model" in (result.model / "README.md").read_text()
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits  # (2, 24, V)
+        got = merged(input_ids=ids).logits
+        with trainer.model.disable_adapter():
+            untrained = trainer.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (untrained - expected).abs().max() > 1e-3  # the adapters were merged in
+    # the live model was not merged in place: its base weights are the initial ones
+    initial = load_file(model_dir / "model.safetensors")
+    base = {base_name(n): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    for name, tensor in initial.items():
+        assert torch.equal(base[name], tensor), name
 
 
 def test_lora_resume_reproduces_uninterrupted_run(workspace, tmp_path):
@@ -132,8 +167,8 @@ def test_lora_resume_reproduces_uninterrupted_run(workspace, tmp_path):
     for a, b in zip(straight[2:], resumed, strict=True):
         for key in ("loss", "grad_norm", "lr", "tokens", "epoch"):
             assert a[key] == b[key], key
-    final_a = load_file(straight_dir / "checkpoint-000004" / "adapter_model.safetensors")
-    final_b = load_file(resumed_dir / "checkpoint-000004" / "adapter_model.safetensors")
+    final_a = load_file(straight_dir / "checkpoint-000004" / "model" / "adapter_model.safetensors")
+    final_b = load_file(resumed_dir / "checkpoint-000004" / "model" / "adapter_model.safetensors")
     assert final_a.keys() == final_b.keys()
     for name, tensor in final_a.items():
         assert torch.equal(final_b[name], tensor), name

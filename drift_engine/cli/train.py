@@ -7,6 +7,8 @@ then validation of the whole configuration. ``--help`` shows TrainConfig's defau
 
 from __future__ import annotations
 
+import shlex
+import sys
 import tomllib
 from typing import Any, get_args
 
@@ -36,6 +38,10 @@ _FLAG_KEYS = {
     "beta": "weighting.beta",
     "seed": "seed",
     "resume": "checkpoint.resume",
+    "allow_config_change": "checkpoint.allow_config_change",
+    "merge_lora": "checkpoint.merge_lora",
+    "check_tokenizer": "data.check_tokenizer",
+    "max_nonfinite_steps": "optim.max_nonfinite_steps",
     "save_every": "checkpoint.every_steps",
     "keep_last": "checkpoint.keep_last",
     "dtype": "model.dtype",
@@ -145,6 +151,13 @@ def _config_defaults(command: click.Command) -> click.Command:
     default=None,
     help="Resume from the newest checkpoint in --out, or from the checkpoint folder given.",
 )
+@click.option(
+    "--allow-config-change",
+    is_flag=True,
+    default=None,
+    help="Resume although data, model, weighting, optimizer or schedule settings differ from "
+    "the checkpoint's (recorded in run.json).",
+)
 @click.option("--save-every", type=int, help="Checkpoint every N optimizer steps (0: at the end).")
 @click.option("--keep-last", type=int, help="Checkpoints to keep.")
 @click.option(
@@ -163,6 +176,23 @@ def _config_defaults(command: click.Command) -> click.Command:
     help="torch.compile each decoder layer: faster steps after a one-time compile.",
 )
 @click.option("--lora-r", type=int, help="Train LoRA adapters of this rank (needs peft).")
+@click.option(
+    "--merge-lora",
+    is_flag=True,
+    default=None,
+    help="LoRA runs: export the merged model in checkpoint-N/model instead of the adapter.",
+)
+@click.option(
+    "--check-tokenizer/--no-check-tokenizer",
+    default=None,
+    help="Compare the rollouts' recorded tokenizer with the model's (skipping is recorded "
+    "in run.json).",
+)
+@click.option(
+    "--max-nonfinite-steps",
+    type=int,
+    help="Non-finite steps (loss or grad norm; skipped) in a row that stop the run.",
+)
 @click.option("--device", help="Device, e.g. cpu, cuda:1 (auto: CUDA when available, else CPU).")
 @click.option(
     "--strategy",
@@ -197,6 +227,8 @@ def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> N
     drift-engine train --config train.toml --lr 1e-5 --resume
     drift-engine train --config train.toml --set schedule.min_lr_ratio=0.1
     """
+    import torch.distributed as dist
+
     from drift_engine.train.loop import Trainer
 
     ctx = click.get_current_context()
@@ -206,7 +238,17 @@ def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> N
         if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
     }
     config = build_config(config_file, given, settings)
-    trainer = Trainer(config)
-    result = trainer.fit()
+    argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else None
+    command = shlex.join(["drift-engine", "train", *argv]) if argv is not None else None
+    try:
+        trainer = Trainer(config, command=command)
+        result = trainer.fit()
+    finally:
+        # Tear the torchrun process group down however training ended (also when the
+        # trainer failed after joining it).
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if trainer.ctx.is_main:
-        click.echo(f"trained {result.steps} steps; checkpoint: {result.checkpoint}")
+        click.echo(
+            f"trained {result.steps} steps; checkpoint: {result.checkpoint}; model: {result.model}"
+        )

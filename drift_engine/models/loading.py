@@ -144,3 +144,33 @@ def apply_lora(
         # Frozen embeddings give checkpointed blocks inputs without grad; make them track it.
         model.enable_input_require_grads()
     return peft.get_peft_model(model, config)
+
+
+def position_table_size(model: torch.nn.Module) -> int | None:
+    """The number of positions ``model`` was built for (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when its config states none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_position_table(model: torch.nn.Module, lengths: torch.Tensor, *, fix: str) -> None:
+    """Raise ``ConfigError`` when a sequence of ``lengths`` (per trajectory, as trained) is
+    longer than the model's position table: absolute position embeddings would index past
+    their table, rotary ones would train at positions the model never saw. ``fix`` says
+    what to do about it."""
+    limit = position_table_size(model)
+    if limit is None or lengths.numel() == 0:
+        return
+    longest = int(torch.argmax(lengths))
+    if int(lengths[longest]) <= limit:
+        return
+    count = int((lengths > limit).sum())
+    raise ConfigError(
+        f"trajectory {longest} is {int(lengths[longest])} tokens long ({count} trajectories "
+        f"are over the limit), but the model has {limit} positions (max_position_embeddings); "
+        f"{fix}"
+    )

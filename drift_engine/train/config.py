@@ -21,6 +21,7 @@ Unknown keys and values of the wrong type raise ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -64,6 +65,9 @@ class DataConfig:
     max_steps: int | None = None
     # shuffle the packed micro-batches each epoch (deterministic given the seed)
     shuffle: bool = True
+    # compare the tokenizer recorded in the rollouts with the model's (false: skip the
+    # check, e.g. for a model folder without tokenizer files; recorded in run.json)
+    check_tokenizer: bool = True
 
 
 @dataclass
@@ -136,6 +140,9 @@ class OptimConfig:
     eps: float = 1e-8
     # clip the global gradient norm to this value (None or 0: no clipping)
     grad_clip: float | None = 1.0
+    # a step with a non-finite loss or gradient norm is skipped (no update); this many in
+    # a row stop the run with an error (1: stop at the first)
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -157,6 +164,11 @@ class CheckpointConfig:
     keep_last: int = 2
     # "latest" (newest checkpoint in the output folder) or a checkpoint folder
     resume: str | None = None
+    # resume even though the data, model, weighting, optimizer or schedule settings differ
+    # from the checkpoint's (the differences are recorded in run.json)
+    allow_config_change: bool = False
+    # LoRA runs: export the merged model (base + adapters) instead of the adapter
+    merge_lora: bool = False
 
 
 @dataclass
@@ -208,6 +220,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
                 ) from None
+        for key, value in _float_values(self):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
         w = self.weighting
         if w.beta is not None and w.beta <= 0:
             raise ConfigError(f"weighting.beta must be > 0, got {w.beta}")
@@ -228,6 +243,7 @@ class TrainConfig:
             raise ConfigError(
                 f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}"
             )
+        _positive(o.max_nonfinite_steps, "optim.max_nonfinite_steps")
         s = self.schedule
         if not 0 <= s.warmup_ratio <= 1:
             raise ConfigError(f"schedule.warmup_ratio must be in [0, 1], got {s.warmup_ratio}")
@@ -260,6 +276,21 @@ class TrainConfig:
             if e.limit is not None:
                 _positive(e.limit, "eval.limit")
         return self
+
+
+def _float_values(config: Any, prefix: str = "") -> list[tuple[str, float | None]]:
+    """(dotted key, value) of every float field of ``config`` (tuples item by item)."""
+    found: list[tuple[str, float | None]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += _float_values(value, f"{key}.")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, tuple):
+            found += [(key, v) for v in value if isinstance(v, float)]
+    return found
 
 
 def _require(value: str, key: str, message: str) -> None:

@@ -8,7 +8,9 @@ pass, so gradient accumulation and the number of ranks do not change the result:
     loss_step = Σ_{micro-batches, ranks} Σ_tokens token_weight · CE / normaliser_step
 
 The normaliser and every per-step statistic stay on the device; the host reads them once
-per step, after the optimizer step, to log them.
+per step, between the gradient clipping and the optimizer step: a step whose loss or
+gradient norm is not finite is skipped (no parameter or optimizer update), and
+``optim.max_nonfinite_steps`` such steps in a row stop the run (``TrainingDivergedError``).
 
 Data position is deterministic: epoch ``e`` packs the trajectories with seed
 ``seed + e``, and a step is a contiguous slice of that plan, so a checkpoint records
@@ -18,6 +20,7 @@ Data position is deterministic: epoch ``e`` packs the trajectories with seed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,14 +34,24 @@ import numpy as np
 import torch
 
 from drift_engine.data.packing import PackedBatch, PackingStats, pack, plan_rollouts
-from drift_engine.data.rollouts import RolloutSet, load_rollouts, validate_rollouts
-from drift_engine.errors import ConfigError
+from drift_engine.data.rollouts import (
+    META_TOKENIZER_VOCAB_HASH,
+    RolloutSet,
+    load_rollouts,
+    validate_rollouts,
+)
+from drift_engine.errors import CheckpointError, ConfigError, TrainingDivergedError
 from drift_engine.models import apply_lora, load_model, parse_dtype, weighted_sft_loss
 from drift_engine.models.compile import compile_decoder_layers
+from drift_engine.models.loading import check_position_table
 from drift_engine.train.checkpoint import (
+    MODEL_DIR,
     TrainerState,
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
+    read_trainer_state,
+    remove_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
@@ -73,6 +86,11 @@ class TrainResult:
     steps: int  # optimizer steps done in total (including before a resume)
     checkpoint: Path | None  # the last checkpoint written
     last_metrics: dict[str, Any] | None  # the last line written to metrics.jsonl
+
+    @property
+    def model(self) -> Path | None:
+        """The last checkpoint's Hugging Face export (``checkpoint-N/model``)."""
+        return self.checkpoint / MODEL_DIR if self.checkpoint is not None else None
 
 
 @dataclass
@@ -109,7 +127,8 @@ class Trainer:
 
     ``on_step_end`` is called on every rank after each optimizer step (and after any
     checkpoint of that step) with the step's metrics record; raising from it stops
-    training, as an interruption would.
+    training, as an interruption would. ``command`` (the command line, if any) goes into
+    run.json and the exported model card.
     """
 
     def __init__(
@@ -117,11 +136,16 @@ class Trainer:
         config: TrainConfig,
         *,
         on_step_end: Callable[[dict[str, Any]], None] | None = None,
+        command: str | None = None,
     ):
         self.config = config.validate()
         self.on_step_end = on_step_end
+        self.command = command
         self.out_dir = Path(config.out)
-        self._check_output_folder()
+        self.resumed_from: Path | None = None
+        self.resume_overrides: list[dict[str, Any]] = []
+        self._notes: list[str] = []  # messages for the progress output, written by fit
+        resume_path = self._check_output_folder()
 
         device = None if config.device == "auto" else torch.device(config.device)
         self.ctx: DistributedContext = init_distributed(config.strategy, device=device)
@@ -133,6 +157,11 @@ class Trainer:
         _seed_everything(config.seed)  # identical on all ranks: LoRA init must match
 
         self.rollouts: RolloutSet = load_rollouts(config.data.path)
+        if self.rollouts.num_trajectories == 0:
+            raise ConfigError(
+                f"{config.data.path} holds no trajectories; nothing to train. Check the "
+                "rollout run that wrote it (every sample may have been filtered out)"
+            )
         model = load_model(
             config.model.name_or_path,
             dtype=torch.float32,
@@ -140,11 +169,20 @@ class Trainer:
             attn_implementation=config.model.attn_implementation,
             gradient_checkpointing=config.model.gradient_checkpointing,
         )
+        check_position_table(
+            model,
+            self.rollouts.lengths().clamp_max(config.data.batch_tokens),  # as packing truncates
+            fix="lower --batch-tokens to at most that many (longer trajectories are then "
+            "truncated from the left), leave the long trajectories out of the rollouts, or, "
+            "to train a longer context on purpose, raise max_position_embeddings in the "
+            "model's config.json",
+        )
         self.tokenizer = _load_tokenizer(config.model.name_or_path)
+        self.tokenizer_check = self._tokenizer_check()
         validate_rollouts(
             self.rollouts,
             vocab_size=model.get_input_embeddings().num_embeddings,
-            tokenizer=self.tokenizer,
+            tokenizer=self.tokenizer if config.data.check_tokenizer else None,
             train_turns=config.data.train_turns,
         )
         self.weights = weights_for(  # (S,) float32, on the host (packing reads it)
@@ -173,25 +211,61 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.total_steps)
 
         self.state = TrainerState(
-            total_steps=self.total_steps, world_size=self.ctx.world_size, config=config.to_dict()
+            total_steps=self.total_steps,
+            world_size=self.ctx.world_size,
+            config=config.to_dict(),
+            data_fingerprint=_data_fingerprint(self.rollouts),
+            model_signature=_model_signature(self.model),
         )
-        if config.checkpoint.resume is not None:
-            self._resume(resolve_resume(config.checkpoint.resume, self.out_dir))
+        if resume_path is not None:
+            self._resume(resume_path)
         else:
             # Per-rank stream for dropout and anything else random during training.
             torch.manual_seed(config.seed + self.ctx.rank)
 
     # ------------------------------------------------------------------------- setup
 
-    def _check_output_folder(self) -> None:
+    def _check_output_folder(self) -> Path | None:
+        """The checkpoint to resume from (None: start at step 0).
+
+        ``--resume`` in a folder whose run stopped before its first checkpoint (run.json or
+        metrics.jsonl, no checkpoint) starts it again from step 0, so ``--resume`` is the one
+        command that continues any interrupted run.
+        """
         resume = self.config.checkpoint.resume
-        if resume is None and (
-            list_checkpoints(self.out_dir) or (self.out_dir / METRICS_FILE).exists()
-        ):
-            raise ConfigError(
-                f"output folder {self.out_dir} already holds a training run; pass --resume to "
-                "continue it, or choose another --out"
+        started = any((self.out_dir / name).exists() for name in (RUN_FILE, METRICS_FILE))
+        has_checkpoint = bool(list_checkpoints(self.out_dir))
+        if resume is None:
+            if has_checkpoint or started:
+                raise ConfigError(
+                    f"output folder {self.out_dir} already holds a training run; pass --resume "
+                    "to continue it (from its newest checkpoint, or from the start if it "
+                    "stopped before its first one), or choose another --out"
+                )
+            return None
+        if resume == "latest" and started and not has_checkpoint:
+            self._notes.append(
+                f"{self.out_dir} holds a run that stopped before its first checkpoint; "
+                "starting it again from step 0"
             )
+            return None
+        return resolve_resume(resume, self.out_dir)
+
+    def _tokenizer_check(self) -> str:
+        """How the data's tokenizer identity is checked against the model's (for run.json);
+        raises when the model has no tokenizer to check it against."""
+        if META_TOKENIZER_VOCAB_HASH not in self.rollouts.metadata:
+            return "not recorded in the data"
+        if not self.config.data.check_tokenizer:
+            return "skipped (data.check_tokenizer = false)"
+        if self.tokenizer is None:
+            raise ConfigError(
+                f"the rollouts record the tokenizer they were sampled with, but the model "
+                f"{self.config.model.name_or_path} has no tokenizer files to check it against; "
+                "add the tokenizer files to the model folder, or pass --no-check-tokenizer "
+                "to train without the check (recorded in run.json)"
+            )
+        return "passed"
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s packed micro-batches and packing statistics (only the current
@@ -220,25 +294,98 @@ class Trainer:
         return steps
 
     def _resume(self, path: Path) -> None:
-        saved = json.loads((path / "trainer" / "state.json").read_text(encoding="utf-8"))
-        saved_data = saved.get("config", {}).get("data", {})
-        for key in ("train_turns", "loss_mode", "batch_tokens", "shuffle"):
+        saved = read_trainer_state(path)
+        saved_config = saved.config
+        saved_data = saved_config.get("data", {})
+        for key in _RESUME_FIXED_DATA_KEYS:
             now = getattr(self.config.data, key)
             if key in saved_data and saved_data[key] != now:
                 raise ConfigError(
                     f"--resume: data.{key} is {now!r} but the checkpoint {path} was trained "
                     f"with {saved_data[key]!r}; resume with the same data settings"
                 )
-        if saved.get("config", {}).get("seed", self.config.seed) != self.config.seed:
+        if saved_config.get("seed", self.config.seed) != self.config.seed:
             raise ConfigError(
                 f"--resume: seed {self.config.seed} differs from the checkpoint's "
-                f"{saved['config']['seed']}; the data order depends on it, use the same seed"
+                f"{saved_config['seed']}; the data order depends on it, use the same seed"
             )
-        self.state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
-        self.state.total_steps = self.total_steps
-        self.state.world_size = self.ctx.world_size
-        self.state.config = self.config.to_dict()
+        signature = self.state.model_signature
+        if saved.model_signature and saved.model_signature != signature:
+            raise CheckpointError(
+                f"--resume: the checkpoint {path} holds a {saved.model_signature.get('model_type')} "
+                f"model with {saved.model_signature.get('parameters')} trainable tensors, but "
+                f"--model {self.config.model.name_or_path} builds a {signature['model_type']} "
+                f"model with {signature['parameters']} (another architecture, size or LoRA "
+                "setting); resume with the model and LoRA settings the run was started with"
+            )
+        changes = self._resume_changes(saved)
+        if changes and not self.config.checkpoint.allow_config_change:
+            listed = "; ".join(f"{c['key']}: {c['checkpoint']!r} -> {c['now']!r}" for c in changes)
+            raise ConfigError(
+                f"--resume: the run in {path} was trained with other settings ({listed}); "
+                "resume with the original ones, or pass --allow-config-change to continue "
+                "with the new ones (recorded in run.json)"
+            )
+        self.resume_overrides = changes
+        for change in changes:
+            self._notes.append(
+                f"resuming with {change['key']} = {change['now']!r} (the checkpoint has "
+                f"{change['checkpoint']!r}; --allow-config-change)"
+            )
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
+        state.total_steps = self.total_steps
+        state.world_size = self.ctx.world_size
+        state.config = self.config.to_dict()
+        state.data_fingerprint = self.state.data_fingerprint
+        state.model_signature = signature
+        self.state = state
         self.resumed_from = path
+        self._discard_newer_checkpoints()
+
+    def _resume_changes(self, saved: TrainerState) -> list[dict[str, Any]]:
+        """Settings that differ from the checkpoint's and change what is trained: the data
+        (by content: a moved file is the same data), the model, the weighting, the optimizer
+        and the schedule."""
+        old, now = _flatten(saved.config), _flatten(self.config.to_dict())
+        changes = []
+        for key in sorted(set(old) | set(now)):
+            if not key.startswith(_RESUME_CHECKED_PREFIXES) or key in _RESUME_FREE_KEYS:
+                continue
+            if key not in old or old[key] == now.get(key):
+                continue
+            if key == "data.path" and saved.data_fingerprint:
+                continue  # compared by content below
+            if key == "model.name_or_path" and _same_folder(old[key], now[key]):
+                continue
+            changes.append({"key": key, "checkpoint": old[key], "now": now.get(key)})
+        fingerprint = self.state.data_fingerprint
+        if saved.data_fingerprint and saved.data_fingerprint != fingerprint:
+            changes.append(
+                {
+                    "key": "data (content)",
+                    "checkpoint": f"{saved.config.get('data', {}).get('path')} "
+                    f"({saved.data_fingerprint.get('trajectories')} trajectories)",
+                    "now": f"{self.config.data.path} ({fingerprint['trajectories']} trajectories)",
+                }
+            )
+        return changes
+
+    def _discard_newer_checkpoints(self) -> None:
+        """Remove the checkpoints of ``out`` newer than the resumed step: they belong to the
+        run being replaced, and keeping them would mix two runs in one folder."""
+        newer = [
+            path
+            for path in list_checkpoints(self.out_dir)
+            if checkpoint_step(path) > self.state.step
+        ]
+        if self.ctx.is_main:
+            for path in newer:
+                remove_checkpoint(path)
+        for path in newer:
+            self._notes.append(
+                f"removed {path.name}: newer than the resumed step {self.state.step}, it "
+                "belonged to the run being continued from an older checkpoint"
+            )
 
     # ------------------------------------------------------------------------- loop
 
@@ -275,19 +422,28 @@ class Trainer:
         progress = ProgressBar(
             self.total_steps, self.state.step, enabled=ctx.is_main and config.progress
         )
+        for note in self._notes:
+            progress.write(note)
         progress.write(
             f"epoch {self.state.epoch}: {self.epoch_plan(self.state.epoch).stats.summary()}"
         )
         evaluation = TrainingEvaluation.create(config.eval, self.tokenizer, self.compute_dtype)
         throughput = Throughput()
-        last_checkpoint: Path | None = None
+        last_checkpoint: Path | None = self.resumed_from
+        start_step = self.state.step
         record: dict[str, Any] | None = None
         every = config.checkpoint.every_steps
+        nonfinite_in_row = 0
         self.model.train()
         try:
             for epoch, step_batches, epoch_start in self._steps():
                 record = self.train_step(step_batches)
                 self.state.step += 1
+                if record["skipped"]:
+                    self.state.skipped_steps += 1
+                    nonfinite_in_row += 1
+                else:
+                    nonfinite_in_row = 0
                 self.state.tokens_seen += record["tokens"]
                 tokens_per_s, seconds = throughput.step(record["tokens"])
                 record = {
@@ -305,16 +461,38 @@ class Trainer:
                     throughput.restart()
                 metrics.write(record)
                 progress.update(record["loss"], tokens_per_s, record["lr"])
-                if every and self.state.step % every == 0 and self.state.step < self.total_steps:
+                if record["skipped"]:
+                    self._nonfinite_step(record, nonfinite_in_row, last_checkpoint, progress)
+                elif every and self.state.step % every == 0 and self.state.step < self.total_steps:
                     last_checkpoint = self._save()
                 if self.on_step_end is not None:
                     self.on_step_end(record)
-            if self.state.step > 0:
+            if self.state.step > start_step:
                 last_checkpoint = self._save()
         finally:
             progress.close()
             metrics.close()
         return TrainResult(self.state.step, last_checkpoint, record)
+
+    def _nonfinite_step(
+        self, record: dict[str, Any], in_row: int, last_checkpoint: Path | None, progress: Any
+    ) -> None:
+        """Report a skipped step; raise once ``optim.max_nonfinite_steps`` came in a row."""
+        limit = self.config.optim.max_nonfinite_steps
+        what = f"loss {record['loss']}, gradient norm {record['grad_norm']}"
+        if in_row < limit:
+            progress.write(
+                f"step {record['step']}: {what}; step skipped, no update applied "
+                f"({in_row} in a row; the run stops at {limit})"
+            )
+            return
+        raise TrainingDivergedError(
+            f"training diverged: {in_row} steps in a row up to step {record['step']} had a "
+            f"non-finite loss or gradient norm ({what}); they were skipped and the run "
+            f"stopped. The last checkpoint is {last_checkpoint or 'none'}; resume from it "
+            "(--resume) with a lower --lr or a smaller --grad-clip, check the data's "
+            "weights, or allow more skipped steps (optim.max_nonfinite_steps)"
+        )
 
     def pack_micro_batch(self, indices: list[int]) -> PackedBatch:
         """The rollout rows ``indices`` packed as this trainer trains them."""
@@ -379,14 +557,17 @@ class Trainer:
         max_norm = config.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm_(self.model, max_norm, ctx)  # norm before clipping
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
-        # The one host sync of the step.
+        # The one host sync of the step, before the update: a non-finite loss or gradient
+        # norm (the same on every rank, both being global) skips the optimizer step.
         loss_value, grad_norm_value = torch.stack(
             [loss_sum, grad_norm.detach().float().reshape(())]
         ).tolist()
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm_value))
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # the schedule follows the data position either way
+        self.optimizer.zero_grad(set_to_none=True)
         _, tokens, trained, trajectories = counts.tolist()
         return {
             "loss": loss_value,
@@ -395,6 +576,7 @@ class Trainer:
             "tokens": int(tokens),
             "trained_tokens": int(trained),
             "trajectories": int(trajectories),
+            "skipped": skipped,
         }
 
     # ------------------------------------------------------------------------- output
@@ -410,13 +592,64 @@ class Trainer:
             tokenizer=self.tokenizer,
             export_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else None,
             keep_last=self.config.checkpoint.keep_last,
+            model_card=self._model_card(),
+            merge_lora=self.config.checkpoint.merge_lora,
         )
+
+    def _model_card(self) -> str:
+        """model/README.md of a checkpoint: what was trained, on what, and how."""
+        config, state = self.config, self.state
+        w = _weighting_config(config)
+        lora = config.model.lora
+        export = "full model"
+        if lora.r > 0:
+            export = (
+                "merged model (LoRA folded in)"
+                if config.checkpoint.merge_lora
+                else ("LoRA adapter (peft)")
+            )
+        lines = [
+            "---",
+            f"base_model: {config.model.name_or_path}",
+            "library_name: transformers"
+            if export != "LoRA adapter (peft)"
+            else "library_name: peft",
+            "tags: [drift-engine, drift, weighted-sft]",
+            "---",
+            "",
+            f"# {Path(config.out).name or 'drift-engine run'}, step {state.step}",
+            "",
+            "Importance-weighted SFT (DRIFT) with drift-engine.",
+            "",
+            f"- base model: `{config.model.name_or_path}`",
+            f"- data: `{config.data.path}` ({self.rollouts.num_trajectories} trajectories, "
+            f"{self.rollouts.num_tokens} tokens)",
+            "- weights: "
+            + (
+                f"recomputed with γ = {w.gamma}, β = {w.beta}"
+                if config.weighting.overrides or self.rollouts.weights is None
+                else "stored in the data file"
+            ),
+            f"- steps: {state.step} of {state.total_steps} "
+            f"(epoch {state.epoch}, {state.tokens_seen} tokens seen, "
+            f"{state.skipped_steps} skipped as non-finite)",
+            f"- loss: `{config.data.loss_mode}`, trained turns: `{config.data.train_turns}`, "
+            f"lr {config.optim.lr} ({config.schedule.name}), LoRA r = {lora.r}",
+            f"- this folder: {export}",
+        ]
+        if self.command:
+            lines += ["", "Command:", "", f"    {self.command}"]
+        return "\n".join(lines) + "\n"
 
     def _write_run_info(self) -> None:
         rs = self.rollouts
         plan = self.epoch_plan(0)
         info = {
             "config": self.config.to_dict(),
+            "command": self.command,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "resume_overrides": self.resume_overrides,
+            "tokenizer_check": self.tokenizer_check,
             "world_size": self.ctx.world_size,
             "strategy": self.ctx.strategy,
             "device": str(self.ctx.device),
@@ -458,15 +691,88 @@ def _weighting_config(config: TrainConfig) -> WeightingConfig:
     return WeightingConfig(**given)
 
 
+# Files of which a model folder with a tokenizer holds at least one.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
 def _load_tokenizer(name_or_path: str) -> Any:
     """The model's tokenizer, or None when the model folder/id has none (config-only
-    models); the export then holds the model alone."""
+    models); the export then holds the model alone. (transformers builds an empty
+    tokenizer from config.json alone for some architectures: a local folder without any
+    tokenizer file counts as having none.)"""
     from transformers import AutoTokenizer
 
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+
+
+# Resume checks (see Trainer._resume): data settings that fix the data order, never
+# changeable; sections whose change alters what is trained, refused unless
+# checkpoint.allow_config_change; keys of those sections that may change freely.
+_RESUME_FIXED_DATA_KEYS = ("train_turns", "loss_mode", "batch_tokens", "shuffle")
+_RESUME_CHECKED_PREFIXES = (
+    "data.path", "model.name_or_path", "model.lora.", "weighting.", "optim.", "schedule.",
+)  # fmt: skip
+_RESUME_FREE_KEYS = {"optim.max_nonfinite_steps"}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _same_folder(a: Any, b: Any) -> bool:
+    try:
+        return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def _data_fingerprint(rs: RolloutSet) -> dict[str, Any]:
+    """Identity of a rollout set, cheap at any size: counts, and a hash of the boundaries,
+    rewards, stored weights and 64 evenly spaced runs of 4096 tokens (a few reads even when
+    the file is memory-mapped)."""
+    h = hashlib.sha256()
+    starts = torch.linspace(0, max(rs.num_tokens - 4096, 0), 64).long().unique()
+    runs = [rs.input_ids[int(a) : int(a) + 4096] for a in starts]
+    for tensor in (rs.cu_seqlens, rs.turn_rewards, rs.weights, *runs):
+        if tensor is not None:
+            h.update(tensor.contiguous().numpy().tobytes())
+    return {
+        "trajectories": rs.num_trajectories,
+        "tokens": rs.num_tokens,
+        "sha256": h.hexdigest(),
+    }
+
+
+def _model_signature(model: torch.nn.Module) -> dict[str, Any]:
+    """Architecture identity of the trained model: type and trainable tensor names/shapes."""
+    hf_model = unwrap_model(model)
+    h = hashlib.sha256()
+    count = 0
+    for name, param in hf_model.named_parameters():
+        if param.requires_grad:
+            h.update(f"{name}:{tuple(param.shape)};".encode())
+            count += 1
+    config = getattr(hf_model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", type(hf_model).__name__),
+        "parameters": count,
+        "sha256": h.hexdigest(),
+    }
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

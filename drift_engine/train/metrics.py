@@ -3,7 +3,7 @@ of ``report_to`` (TensorBoard, Weights & Biases, MLflow), plain log lines when t
 bar is off, and the progress bar.
 
 Only the main rank writes. Values arrive as Python numbers: the trainer moves the step's
-device scalars to the host once per step, after the optimizer step.
+device scalars to the host once per step.
 """
 
 from __future__ import annotations
