@@ -9,7 +9,9 @@ and within each prompt group g::
     w_i = exp(R_i / beta) / mean_{j in g} exp(R_j / beta)
 
 the self-normalised importance weights of the KL-regularised optimum
-pi* ∝ pi_ref · exp(R / beta); they average 1 in every group. The penalties are stored
+pi* ∝ pi_ref · exp(R / beta); they average 1 in every group. Both are computed in float64,
+the weights as exp((R_i - max R) / beta), so finite inputs never give a NaN or infinite
+weight; what cannot be represented is an error naming the trajectory. The penalties are stored
 already signed: ``format_penalty_term`` (-0.1 per unparseable turn) and
 ``repeat_penalty_term`` (-lambda · (1 - unique answers / answers), lambda = 0.5).
 """
