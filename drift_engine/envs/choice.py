@@ -14,7 +14,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from drift_engine.envs.base import DEFAULT_FEEDBACK, Environment, Message, Problem, StepResult
+from drift_engine.envs.base import (
+    DEFAULT_FEEDBACK,
+    Environment,
+    Message,
+    Problem,
+    StepResult,
+    check_option_types,
+)
 from drift_engine.envs.math import _check_template, _last_boxed
 from drift_engine.errors import EnvironmentSpecError
 
@@ -103,6 +110,12 @@ class ChoiceEnv(Environment):
         system_prompt: str | None = None,
         feedback: str = DEFAULT_FEEDBACK,
     ) -> None:
+        check_option_types(
+            "choice",
+            prompt_template=(prompt_template, str),
+            system_prompt=(system_prompt, (str, type(None))),
+            feedback=(feedback, str),
+        )
         _check_template(prompt_template, "choice", ("question", "choices"))
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
@@ -128,7 +141,7 @@ class ChoiceEnv(Environment):
             stripped = text.strip("()[]. ").upper()
             if len(stripped) == 1 and stripped in letters:
                 return stripped
-            if text.isdigit() and int(text) < len(letters):
+            if text.isdigit() and len(text) <= 2 and int(text) < len(letters):
                 return letters[int(text)]
             for letter, option in options or []:
                 if option.strip() == text:
