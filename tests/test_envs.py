@@ -370,6 +370,21 @@ def test_math_extraction_is_linear(text):
     assert extract_math_answer("\\boxed" * 8000 + " 6") == "6"
 
 
+@pytest.mark.parametrize("text", ["<answer>" * 8000, "<answer>" * 8000 + "</answer>"])
+def test_answer_tags_are_found_in_linear_time(text):
+    import time
+
+    from drift_engine.envs.guess import parse_guess
+
+    for extract in (extract_math_answer, extract_choice, parse_guess):
+        start = time.perf_counter()
+        extract(text)
+        assert time.perf_counter() - start < 0.5, extract
+    assert parse_guess("<answer>" * 8000 + "3</answer>") is None  # lazy tag: "<answer>…3"
+    assert parse_guess("<answer>1</answer>" * 3 + "<answer> 4 </answer>") == 4
+    assert extract_choice("<answer>" * 8000 + "</answer><answer>(C)</answer>") == "C"
+
+
 def test_math_scoring_runs_under_the_time_limit(monkeypatch):
     import time
 

@@ -22,7 +22,7 @@ from drift_engine.envs.base import (
     StepResult,
     check_option_types,
 )
-from drift_engine.envs.math import _check_template, _last_boxed
+from drift_engine.envs.math import _check_template, _last_boxed, last_answer_tag
 from drift_engine.errors import EnvironmentSpecError
 
 LETTERS = "ABCDEFGHIJ"
@@ -49,9 +49,9 @@ def extract_choice(text: str, letters: str = LETTERS) -> str | None:
         found = [f for f in found if f in letters]
         return found[-1] if found else None
 
-    tags = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL | re.IGNORECASE)
-    if tags:
-        inner = tags[-1].strip()
+    tag = last_answer_tag(text)
+    if tag is not None:
+        inner = tag[1].strip()
         bare = _BARE.match(inner) or _ANSWER_IS.search(inner)
         if bare and bare.group(1).upper() in letters:
             return bare.group(1).upper()

@@ -25,9 +25,9 @@ from drift_engine.envs.base import (
     check_option_types,
     integer_value,
 )
+from drift_engine.envs.math import last_answer_tag
 from drift_engine.errors import EnvironmentSpecError
 
-_TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INTEGER = re.compile(r"[+-]?\d+")
 
 HIGHER = "Higher."
@@ -37,8 +37,8 @@ FORMAT_REMINDER = "Answer with <answer>number</answer>."
 
 def parse_guess(text: str) -> int | None:
     """The integer guessed in `text`, or None when it is not a well-formed answer."""
-    tagged = _TAGGED.findall(text)
-    candidate = tagged[-1] if tagged else text
+    tagged = last_answer_tag(text, ignore_case=False)
+    candidate = tagged[1] if tagged else text
     candidate = candidate.strip()
     if not _INTEGER.fullmatch(candidate):
         return None

@@ -41,19 +41,23 @@ DEFAULT_MATH_PROMPT = (
 
 # ---------------------------------------------------------------------------- extraction
 
-_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
-_CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
+_TAGS = {
+    flags: (re.compile(r"<answer>", flags), re.compile(r"</answer>", flags))
+    for flags in (re.IGNORECASE, 0)
+}
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _BARE_ARGUMENT = re.compile(r"[^\s$]+")
 _BRACE = re.compile(r"[{}]")
 
 
-def _last_answer_tag(text: str) -> tuple[int, str] | None:
-    """(start, content) of the last ``<answer>…</answer>`` (each tag closed by the first
-    ``</answer>`` after it, as a lazy regex would), in one left-to-right pass."""
+def last_answer_tag(text: str, ignore_case: bool = True) -> tuple[int, str] | None:
+    """(start, content) of the last ``<answer>…</answer>``: the last match of the lazy
+    ``<answer>(.*?)</answer>`` (DOTALL), found in one left-to-right pass (the regex is
+    quadratic on many unclosed tags)."""
+    open_tag, close_tag = _TAGS[re.IGNORECASE if ignore_case else 0]
     last, pos = None, 0
-    while (opened := _OPEN_TAG.search(text, pos)) is not None:
-        closed = _CLOSE_TAG.search(text, opened.end())
+    while (opened := open_tag.search(text, pos)) is not None:
+        closed = close_tag.search(text, opened.end())
         if closed is None:
             break
         last, pos = (opened.start(), opened.end(), closed.start()), closed.end()
@@ -109,7 +113,7 @@ def extract_math_answer(text: str) -> str | None:
     """The final answer of a response: the last ``<answer>…</answer>`` or ``\\boxed{…}``,
     whichever comes later; a ``\\boxed`` inside the answer tag is unwrapped. None if absent."""
     candidates: list[tuple[int, str]] = []
-    tag = _last_answer_tag(text)
+    tag = last_answer_tag(text)
     if tag is not None:
         boxed = _last_boxed(tag[1])
         candidates.append((tag[0], boxed[1] if boxed else tag[1]))
