@@ -461,3 +461,47 @@ def test_problem_files_with_non_finite_numbers_or_bad_bytes(tmp_path, line, mess
 def test_guess_problems_with_non_integer_values(problem, message):
     with pytest.raises(EnvironmentSpecError, match=message):
         load_environment("guess").validate_problem(problem)
+
+
+# ---- arithmetic word problems -----------------------------------------------------------
+
+
+def test_word_problems_are_deterministic_and_shipped_as_generated(tmp_path):
+    from drift_engine.envs.word_problems import generate_splits, shipped_problems, write_splits
+
+    small = {"train": 30, "heldout": 10}
+    assert generate_splits(3, small) == generate_splits(3, small)
+    assert generate_splits(3, small) != generate_splits(4, small)
+    # The shipped files are exactly what the documented command writes.
+    for written in write_splits(tmp_path):
+        split = written.stem.removeprefix("arithmetic-")
+        assert written.read_bytes() == shipped_problems(split).read_bytes()
+
+
+def test_word_problem_answers_are_right():
+    import re
+
+    from drift_engine.envs.word_problems import shipped_problems
+
+    env = MathEnv()
+    splits = {s: load_problems(shipped_problems(s), env=env) for s in ("train", "heldout")}
+    assert [len(p) for p in splits.values()] == [1000, 400]
+    questions = [{p["question"] for p in problems} for problems in splits.values()]
+    assert not questions[0] & questions[1] and len(questions[0]) == 1000
+    operand_counts, operators, templates = set(), set(), set()
+    for problems in splits.values():
+        for p in problems:
+            expression = p["expression"]
+            assert re.fullmatch(r"[\d ()+\-*]+", expression)
+            value = eval(expression)  # digits, brackets, + - * only (checked above)
+            assert value >= 0 and p["answer"] == str(value)
+            # The question states the operands, in the expression's order.
+            numbers = re.findall(r"\d+", expression)
+            assert re.findall(r"\d+", p["question"]) == numbers
+            operand_counts.add(len(numbers))
+            operators |= set(re.findall(r"[+\-*]", expression))
+            templates.add(p["template"])
+    assert operand_counts == {2, 3} and operators == {"+", "-", "*"} and len(templates) == 10
+    for p in splits["heldout"][:20]:
+        assert env.step(p, f"so \\boxed{{{p['answer']}}}", 1).correct
+        assert not env.step(p, f"<answer>{int(p['answer']) + 1}</answer>", 1).correct
