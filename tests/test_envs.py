@@ -505,3 +505,30 @@ def test_word_problem_answers_are_right():
     for p in splits["heldout"][:20]:
         assert env.step(p, f"so \\boxed{{{p['answer']}}}", 1).correct
         assert not env.step(p, f"<answer>{int(p['answer']) + 1}</answer>", 1).correct
+
+
+@pytest.mark.parametrize(
+    "options, content, message",
+    [
+        (["--env-opt", "low=Infinity"], b'{"secret": 3}', "low must be an integer, got inf"),
+        (["--env-opt", "high=abc"], b'{"secret": 3}', "high must be an integer, got 'abc'"),
+        ([], b'{"secret": NaN}', "p.jsonl:1: NaN is not a finite number"),
+        ([], b'{"secret": "\xff"}', "p.jsonl:1: not UTF-8 text"),
+        ([], b'{"secret": 2.5}', "secret must be an integer, got 2.5"),
+    ],
+)
+def test_cli_bad_problems_and_env_options_give_one_error_line(tmp_path, options, content, message):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from drift_engine.cli import cli
+
+    model = Path(__file__).parents[1] / "examples" / "guess-model"
+    problems = tmp_path / "p.jsonl"
+    problems.write_bytes(content + b"\n")
+    args = ["eval", "--model", str(model), "--env", "guess", "--problems", str(problems)]
+    result = CliRunner().invoke(cli, [*args, *options, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
