@@ -31,6 +31,7 @@ class MultiAtKResult:
     model: str = ""
     benchmark: str = ""
     env: str = ""
+    scoring_errors: int = 0  # answers the environment could not score (reward 0)
 
     @classmethod
     def from_first_correct(
@@ -65,6 +66,7 @@ class MultiAtKResult:
             model=data.get("model", ""),
             benchmark=data.get("benchmark", ""),
             env=data.get("env", ""),
+            scoring_errors=int(data.get("scoring_errors", 0)),
         )
 
 
@@ -95,9 +97,11 @@ def evaluate_multi_at_k(
         chat_template=chat_template,
     )
     first = [t.first_correct_turn for t in run.trajectories]  # one per problem, in order
-    return MultiAtKResult.from_first_correct(
+    result = MultiAtKResult.from_first_correct(
         first, max_turns, model=model, benchmark=benchmark, env=environment_spec(env)
     )
+    result.scoring_errors = sum(len(t.scoring_errors) for t in run.trajectories)
+    return result
 
 
 def format_table(results: Sequence[MultiAtKResult]) -> str:
@@ -115,7 +119,12 @@ def format_table(results: Sequence[MultiAtKResult]) -> str:
             f"{100 * r.at(k):.1f}" if k <= r.max_turns else "" for k in range(1, max_turns + 1)
         ]
         rows.append(f"| {r.model} | {r.benchmark} | " + " | ".join(cells) + " |")
-    return "\n".join([header, rule, *rows])
+    notes = [
+        f"{r.model} on {r.benchmark}: {r.scoring_errors} answers could not be scored (reward 0)"
+        for r in results
+        if r.scoring_errors
+    ]
+    return "\n".join([header, rule, *rows, *(["", *notes] if notes else [])])
 
 
 def plot_multi_at_k(

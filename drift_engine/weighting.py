@@ -9,7 +9,9 @@ and within each prompt group g::
     w_i = exp(R_i / beta) / mean_{j in g} exp(R_j / beta)
 
 the self-normalised importance weights of the KL-regularised optimum
-pi* ∝ pi_ref · exp(R / beta); they average 1 in every group. The penalties are stored
+pi* ∝ pi_ref · exp(R / beta); they average 1 in every group. Both are computed in float64,
+the weights as exp((R_i - max R) / beta), so finite inputs never give a NaN or infinite
+weight; what cannot be represented is an error naming the trajectory. The penalties are stored
 already signed: ``format_penalty_term`` (-0.1 per unparseable turn) and
 ``repeat_penalty_term`` (-lambda · (1 - unique answers / answers), lambda = 0.5).
 """
@@ -30,7 +32,7 @@ from drift_engine.data.rollouts import (
     META_NORMALIZE,
     RolloutSet,
 )
-from drift_engine.errors import ConfigError
+from drift_engine.errors import ConfigError, RolloutFormatError
 
 REPEAT_PENALTY_COEF = 0.5
 FORMAT_PENALTY_PER_TURN = -0.1
@@ -89,15 +91,37 @@ def compute_returns(
     gamma: float,
     format_penalty: Tensor | None = None,
     repeat_penalty: Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """(S,) float32 returns R = sum_t gamma^(t-1) r_t + penalties; NaN rewards are absent turns."""
+    """(S,) returns R = sum_t gamma^(t-1) r_t + penalties; NaN rewards are absent turns.
+
+    Summed in float64 and returned in ``dtype``; a return that does not fit ``dtype`` (finite
+    rewards whose sum overflows, e.g. 3e38 + 3e38 in float32) is an error naming the
+    trajectory.
+    """
     rewards = turn_rewards.to(torch.float64)  # (S, K)
     discount = gamma ** torch.arange(rewards.shape[1], dtype=torch.float64)  # (K,) gamma^(t-1)
     returns = torch.nansum(rewards * discount, dim=1)  # (S,)
     for term in (format_penalty, repeat_penalty):
         if term is not None:
             returns = returns + term.to(torch.float64)
-    return returns.to(torch.float32)
+    return _narrow(returns, dtype)
+
+
+def _narrow(returns: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 ``returns`` in ``dtype``; one that overflows it is an error naming the trajectory."""
+    out = returns.to(dtype)
+    bad = torch.isinf(out) & torch.isfinite(returns)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise RolloutFormatError(
+            f"trajectory {i}: its return {float(returns[i]):.4g} (discounted rewards plus "
+            f"penalties) overflows {str(dtype).removeprefix('torch.')} ({int(bad.sum())} "
+            f"trajectories do); rescale the rewards so that returns stay within "
+            f"±{torch.finfo(dtype).max:.3g}"
+        )
+    return out
 
 
 def compute_weights(
@@ -108,9 +132,11 @@ def compute_weights(
 ) -> Tensor:
     """(S,) float32 weights exp(R_i/beta) / mean_{j in group(i)} exp(R_j/beta).
 
-    Max-shifted inside each group, so large R/beta cannot overflow; one vectorised pass
-    (scatter reductions over dense group indices). ``clip_max`` clips afterwards, without
-    renormalising.
+    Computed in float64 as exp((R_i - max_g R) / beta): the shift comes before the division,
+    so neither a large R/beta nor a tiny beta can overflow, and every weight lies in
+    [0, group size]. One vectorised pass (scatter reductions over dense group indices).
+    Non-finite returns are an error naming the trajectory. ``clip_max`` clips afterwards,
+    without renormalising.
     """
     if not beta > 0.0:
         raise ConfigError(f"beta must be > 0, got {beta}")
@@ -121,14 +147,21 @@ def compute_weights(
         )
     if returns.numel() == 0:
         return torch.empty(0, dtype=torch.float32)
+    returns = returns.to(torch.float64)
+    bad = ~torch.isfinite(returns)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise RolloutFormatError(
+            f"trajectory {i} (group {int(group_ids[i])}) has return {float(returns[i])}; "
+            "returns must be finite to compute weights (recompute them from the rewards)"
+        )
     _, group = torch.unique(group_ids, return_inverse=True)  # (S,) dense ids 0 ... G-1
     num_groups = int(group.max()) + 1
-    scaled = returns.to(torch.float64) / beta  # (S,)
     group_max = torch.full((num_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(
-        0, group, scaled, "amax", include_self=True
+        0, group, returns, "amax", include_self=True
     )  # (G,)
-    exp = torch.exp(scaled - group_max[group])  # (S,) in (0, 1], 1 at each group's max
-    group_sum = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, exp)  # (G,)
+    exp = torch.exp((returns - group_max[group]) / beta)  # (S,) in [0, 1], 1 at each group's max
+    group_sum = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, exp)  # (G,) >= 1
     group_size = torch.bincount(group, minlength=num_groups).to(torch.float64)  # (G,)
     weights = exp * (group_size / group_sum)[group]  # exp / group mean
     if clip_max is not None:
@@ -144,34 +177,82 @@ def _normalisation_groups(rollouts: RolloutSet, config: WeightingConfig) -> Tens
 
 
 def weights_for(rollouts: RolloutSet, config: WeightingConfig, override: bool = False) -> Tensor:
-    """(S,) float32 weights of a ``RolloutSet``.
+    """(S,) float32 weights of a ``RolloutSet``, checked before they reach training.
 
     The stored ``weights`` are used unless absent or ``override``; then weights come from the
     stored ``returns`` (if present and not ``override``) or from ``turn_rewards`` and the
-    penalties with ``config.gamma``, normalised with ``config.beta``.
+    penalties with ``config.gamma``, normalised with ``config.beta``. Weights that are not
+    finite and non-negative, that are all 0, or whose sum overflows float32 (the weighted
+    loss divides by sums of them) are an error naming a trajectory.
     """
     if rollouts.weights is not None and not override:
-        return rollouts.weights
-    if rollouts.returns is not None and not override:
-        returns = rollouts.returns
+        weights = rollouts.weights
     else:
-        returns = compute_returns(
-            rollouts.turn_rewards, config.gamma, rollouts.format_penalty, rollouts.repeat_penalty
+        if rollouts.returns is not None and not override:
+            returns = rollouts.returns
+        else:
+            returns = compute_returns(
+                rollouts.turn_rewards,
+                config.gamma,
+                rollouts.format_penalty,
+                rollouts.repeat_penalty,
+                dtype=torch.float64,
+            )
+        weights = compute_weights(
+            returns, _normalisation_groups(rollouts, config), config.beta, config.clip_max
         )
-    return compute_weights(
-        returns, _normalisation_groups(rollouts, config), config.beta, config.clip_max
-    )
+    _check_weights(weights)
+    return weights
 
 
-def attach_weights(rollouts: RolloutSet, config: WeightingConfig) -> RolloutSet:
+def _check_weights(weights: Tensor) -> None:
+    if weights.numel() == 0:
+        return
+    w = weights.to(torch.float64)
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise RolloutFormatError(
+            f"trajectory {i} has weight {float(w[i])}; weights must be finite and >= 0 "
+            "(recompute them from the rewards: train with --gamma or --beta)"
+        )
+    total = float(w.sum())
+    if total == 0.0:
+        raise RolloutFormatError(
+            "every trajectory has weight 0, so training would learn nothing; recompute the "
+            "weights from the rewards (train with --gamma or --beta)"
+        )
+    if total > torch.finfo(torch.float32).max:
+        i = int(w.argmax())
+        raise RolloutFormatError(
+            f"the weights sum to {total:.3g}, beyond float32 (largest: trajectory {i}, "
+            f"{float(w[i]):.3g}); importance weights average 1 per group, so recompute them "
+            "from the rewards (train with --gamma or --beta)"
+        )
+
+
+def attach_weights(
+    rollouts: RolloutSet, config: WeightingConfig, returns: Tensor | None = None
+) -> RolloutSet:
     """A copy of ``rollouts`` with returns and weights computed from its rewards under
-    ``config``, and γ/β (and clipping/normalisation) recorded in its metadata."""
-    returns = compute_returns(
-        rollouts.turn_rewards, config.gamma, rollouts.format_penalty, rollouts.repeat_penalty
-    )
+    ``config``, and γ/β (and clipping/normalisation) recorded in its metadata.
+
+    ``returns`` (S,), when given, replaces the returns computed from the stored float32
+    rewards and penalties (e.g. float64 returns of the values the set was converted from);
+    the weights come from it at its precision, the stored returns are its float32 values.
+    """
+    if returns is None:
+        returns = compute_returns(
+            rollouts.turn_rewards,
+            config.gamma,
+            rollouts.format_penalty,
+            rollouts.repeat_penalty,
+            dtype=torch.float64,
+        )
     weights = compute_weights(
         returns, _normalisation_groups(rollouts, config), config.beta, config.clip_max
     )
+    stored = _narrow(returns.to(torch.float64), torch.float32)
     metadata = {
         **rollouts.metadata,
         META_GAMMA: repr(float(config.gamma)),
@@ -182,4 +263,4 @@ def attach_weights(rollouts: RolloutSet, config: WeightingConfig) -> RolloutSet:
         metadata[META_CLIP_MAX] = repr(float(config.clip_max))
     else:
         metadata.pop(META_CLIP_MAX, None)
-    return replace(rollouts, returns=returns, weights=weights, metadata=metadata)
+    return replace(rollouts, returns=stored, weights=weights, metadata=metadata)

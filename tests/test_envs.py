@@ -256,3 +256,279 @@ def test_hf_dataset_without_datasets_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(EnvironmentSpecError, match="needs the `datasets` package"):
         load_problems("hf:openai/gsm8k")
+
+
+# ---- robustness: one answer never ends a rollout, scoring is bounded -----------------------
+
+
+class _OneAnswerEngine:
+    """Answers every prompt with ``answers[turn - 1]`` (byte-level tokenizer, stops at eos)."""
+
+    def __new__(cls, tokenizer, answers):
+        from drift_engine.rollout import Engine, Generation
+
+        class Scripted(Engine):
+            name = "scripted"
+
+            def generate(self, prompts, params, seeds):
+                out = []
+                for prompt in prompts:
+                    turn = prompt.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) // 2
+                    ids = tokenizer.encode(answers[turn - 1], add_special_tokens=False)
+                    out.append(Generation(ids + [tokenizer.eos_token_id], finish_reason="stop"))
+                return out
+
+        return Scripted()
+
+
+HUGE = "9" * 5000  # int() refuses more than 4300 digits
+
+
+def test_scoring_error_is_contained_counted_and_reported():
+    """An answer that makes the environment raise gets reward 0; the rollout goes on."""
+    from tokenizer_utils import make_chat_tokenizer
+
+    from drift_engine.rollout import SamplingParams, collect_trajectories, to_rollout_set
+    from drift_engine.rollout.loop import META_TURN_STATS, format_turn_stats, turn_stats_from_json
+
+    tok = make_chat_tokenizer()
+    env = load_environment("guess")
+    huge = f"<answer>{HUGE}</answer>"
+    engine = _OneAnswerEngine(tok, [huge, "<answer>7</answer>", huge])
+    problems = [{"secret": 7}, {"secret": 9}]
+    with pytest.warns(UserWarning, match=r"3 answers could not be scored by the 'guess' .*"
+                      r"prompt 0, sample 0, turn 1: ValueError: Exceeds the limit"):  # fmt: skip
+        run = collect_trajectories(
+            engine, tok, env, problems, n=1, max_turns=3, sampling=SamplingParams(), seed=0,
+            progress=False,
+        )  # fmt: skip
+    first, second = run.trajectories
+    assert first.rewards == [0.0, 1.0] and first.answers == [None, "7"]
+    assert second.rewards == [0.0, 0.0, 0.0] and second.answers == [None, "7", None]
+    assert [k for k, _ in first.scoring_errors] == [1] and len(second.scoring_errors) == 2
+    stats = turn_stats_from_json(to_rollout_set(run).metadata[META_TURN_STATS])
+    assert [s.scoring_errors for s in stats] == [2, 0, 1]
+    assert "3 answers could not be scored by the environment (reward 0)" in format_turn_stats(stats)
+
+
+def test_eval_counts_scoring_errors():
+    from tokenizer_utils import make_chat_tokenizer
+
+    from drift_engine.evaluate import MultiAtKResult, evaluate_multi_at_k, format_table
+
+    tok = make_chat_tokenizer()
+    engine = _OneAnswerEngine(tok, [f"<answer>{HUGE}</answer>", "<answer>7</answer>"])
+    with pytest.warns(UserWarning, match="could not be scored"):
+        result = evaluate_multi_at_k(
+            engine, tok, load_environment("guess"), [{"secret": 7}, {"secret": 8}], 2,
+            model="m", benchmark="b",
+        )  # fmt: skip
+    assert result.multi_at_k == [0.0, 0.5] and result.scoring_errors == 2
+    assert MultiAtKResult.from_json(result.to_json()) == result
+    assert "m on b: 2 answers could not be scored (reward 0)" in format_table([result])
+
+
+def test_score_answer_contains_errors_but_not_configuration_errors():
+    from drift_engine.envs import score_answer
+
+    class Fragile(Environment):
+        def initial_messages(self, problem):
+            return [{"role": "user", "content": "?"}]
+
+        def step(self, problem, answer, turn):
+            if answer == "config":
+                raise EnvironmentSpecError("the problem lacks a field")
+            return {}[answer]
+
+    result = score_answer(Fragile(), {}, "boom", 1)
+    assert (result.reward, result.done, result.correct, result.answer) == (0.0, False, False, None)
+    assert result.error == "KeyError: 'boom'"
+    with pytest.raises(EnvironmentSpecError, match="lacks a field"):
+        score_answer(Fragile(), {}, "config", 1)
+
+
+def test_math_answer_with_more_digits_than_int_converts():
+    env = MathEnv()
+    result = env.step({"question": "q", "answer": "12"}, f"<answer>{HUGE}</answer>", 1)
+    assert not result.correct and result.error is None and result.answer == HUGE
+    assert math_equal(HUGE, HUGE) and not math_equal(HUGE, "12")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\\boxed{" * 8000, "\\boxed" * 8000, "<answer>" * 8000, "\\fbox{" * 4000 + "x" * 20000],
+)
+def test_math_extraction_is_linear(text):
+    """56k characters: quadratic scanning took minutes; linear takes milliseconds."""
+    import time
+
+    start = time.perf_counter()
+    extract_math_answer(text)
+    assert time.perf_counter() - start < 0.5
+    assert extract_math_answer("\\boxed{" * 8000 + "\\boxed{4}") == "4"
+    assert extract_math_answer("<answer>" * 8000 + "</answer><answer>5</answer>") == "5"
+    assert extract_math_answer("\\boxed" * 8000 + " 6") == "6"
+
+
+@pytest.mark.parametrize("text", ["<answer>" * 8000, "<answer>" * 8000 + "</answer>"])
+def test_answer_tags_are_found_in_linear_time(text):
+    import time
+
+    from drift_engine.envs.guess import parse_guess
+
+    for extract in (extract_math_answer, extract_choice, parse_guess):
+        start = time.perf_counter()
+        extract(text)
+        assert time.perf_counter() - start < 0.5, extract
+    assert parse_guess("<answer>" * 8000 + "3</answer>") is None  # lazy tag: "<answer>…3"
+    assert parse_guess("<answer>1</answer>" * 3 + "<answer> 4 </answer>") == 4
+    assert extract_choice("<answer>" * 8000 + "</answer><answer>(C)</answer>") == "C"
+
+
+def test_math_scoring_runs_under_the_time_limit(monkeypatch):
+    import time
+
+    import drift_engine.envs.math as math_env
+
+    def slow_normalise(answer):
+        time.sleep(5)
+        return answer
+
+    monkeypatch.setattr(math_env, "normalize_math_answer", slow_normalise)
+    env = MathEnv(sympy_timeout=0.2)
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="longer than sympy_timeout=0.2 s"):
+        env.step({"question": "q", "answer": "1"}, "<answer>1</answer>", 1)
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.0, float("inf"), float("nan"), "2", True, None])
+def test_sympy_timeout_must_be_positive(value):
+    with pytest.raises(EnvironmentSpecError, match="sympy_timeout must be a positive number"):
+        MathEnv(sympy_timeout=value)
+    assert MathEnv(sympy_timeout=0.5).sympy_timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    "spec, options, message",
+    [
+        ("guess", {"low": float("inf")}, "low must be an integer, got inf"),
+        ("guess", {"high": float("nan")}, "high must be an integer, got nan"),
+        ("guess", {"low": "abc"}, "low must be an integer, got 'abc'"),
+        ("guess", {"low": 1.5}, "low must be an integer, got 1.5"),
+        ("math", {"prompt_template": 5}, "option prompt_template must be str, got 5"),
+        ("math", {"use_math_verify": "yes"}, "use_math_verify must be bool or null"),
+        ("math", {"sympy_timeout": "abc"}, "sympy_timeout must be a positive number"),
+        ("choice", {"feedback": 1}, "option feedback must be str"),
+    ],
+)
+def test_env_options_are_checked(spec, options, message):
+    """Values as ``--env-opt KEY=VALUE`` parses them (JSON, so Infinity/NaN are floats)."""
+    with pytest.raises(EnvironmentSpecError, match=message):
+        load_environment(spec, **options)
+    assert load_environment("guess", low=2.0, high="9").config()["low"] == 2
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"question": "q", "answer": NaN}', "NaN is not a finite number"),
+        (b'{"question": "q", "answer": Infinity}', "Infinity is not a finite number"),
+        (b'{"question": "q", "answer": -Infinity}', "-Infinity is not a finite number"),
+        (b'{"question": "q", "answer": 1e400}', "1e400 is not a finite number"),
+        (b'{"question": "caf\xe9", "answer": "1"}', "not UTF-8 text"),
+    ],
+)
+def test_problem_files_with_non_finite_numbers_or_bad_bytes(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"question": "ok", "answer": 2.5}\n' + line + b"\n")
+    with pytest.raises(EnvironmentSpecError, match=f"p.jsonl:2: {message}"):
+        load_problems(path, env=MathEnv())
+    path.write_bytes(
+        b'{"question": "ok", "answer": 2.5}\r\n{"question": "caf\xc3\xa9", "answer": 1}'
+    )
+    assert [p["question"] for p in load_problems(path)] == ["ok", "café"]
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ({"secret": float("inf")}, "secret must be an integer, got inf"),
+        ({"secret": 3.5}, "secret must be an integer, got 3.5"),
+        ({"secret": 3, "low": "x"}, "low must be an integer"),
+    ],
+)
+def test_guess_problems_with_non_integer_values(problem, message):
+    with pytest.raises(EnvironmentSpecError, match=message):
+        load_environment("guess").validate_problem(problem)
+
+
+# ---- arithmetic word problems -----------------------------------------------------------
+
+
+def test_word_problems_are_deterministic_and_shipped_as_generated(tmp_path):
+    from drift_engine.envs.word_problems import generate_splits, shipped_problems, write_splits
+
+    small = {"train": 30, "heldout": 10}
+    assert generate_splits(3, small) == generate_splits(3, small)
+    assert generate_splits(3, small) != generate_splits(4, small)
+    # The shipped files are exactly what the documented command writes.
+    for written in write_splits(tmp_path):
+        split = written.stem.removeprefix("arithmetic-")
+        assert written.read_bytes() == shipped_problems(split).read_bytes()
+
+
+def test_word_problem_answers_are_right():
+    import re
+
+    from drift_engine.envs.word_problems import shipped_problems
+
+    env = MathEnv()
+    splits = {s: load_problems(shipped_problems(s), env=env) for s in ("train", "heldout")}
+    assert [len(p) for p in splits.values()] == [1000, 400]
+    questions = [{p["question"] for p in problems} for problems in splits.values()]
+    assert not questions[0] & questions[1] and len(questions[0]) == 1000
+    operand_counts, operators, templates = set(), set(), set()
+    for problems in splits.values():
+        for p in problems:
+            expression = p["expression"]
+            assert re.fullmatch(r"[\d ()+\-*]+", expression)
+            value = eval(expression)  # digits, brackets, + - * only (checked above)
+            assert value >= 0 and p["answer"] == str(value)
+            # The question states the operands, in the expression's order.
+            numbers = re.findall(r"\d+", expression)
+            assert re.findall(r"\d+", p["question"]) == numbers
+            operand_counts.add(len(numbers))
+            operators |= set(re.findall(r"[+\-*]", expression))
+            templates.add(p["template"])
+    assert operand_counts == {2, 3} and operators == {"+", "-", "*"} and len(templates) == 10
+    for p in splits["heldout"][:20]:
+        assert env.step(p, f"so \\boxed{{{p['answer']}}}", 1).correct
+        assert not env.step(p, f"<answer>{int(p['answer']) + 1}</answer>", 1).correct
+
+
+@pytest.mark.parametrize(
+    "options, content, message",
+    [
+        (["--env-opt", "low=Infinity"], b'{"secret": 3}', "low must be an integer, got inf"),
+        (["--env-opt", "high=abc"], b'{"secret": 3}', "high must be an integer, got 'abc'"),
+        ([], b'{"secret": NaN}', "p.jsonl:1: NaN is not a finite number"),
+        ([], b'{"secret": "\xff"}', "p.jsonl:1: not UTF-8 text"),
+        ([], b'{"secret": 2.5}', "secret must be an integer, got 2.5"),
+    ],
+)
+def test_cli_bad_problems_and_env_options_give_one_error_line(tmp_path, options, content, message):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from drift_engine.cli import cli
+
+    model = Path(__file__).parents[1] / "examples" / "guess-model"
+    problems = tmp_path / "p.jsonl"
+    problems.write_bytes(content + b"\n")
+    args = ["eval", "--model", str(model), "--env", "guess", "--problems", str(problems)]
+    result = CliRunner().invoke(cli, [*args, *options, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drift_engine.data.rollouts import RolloutSet
-from drift_engine.errors import ConfigError
+from drift_engine.errors import ConfigError, RolloutFormatError
 from drift_engine.weighting import (
     WeightingConfig,
     attach_weights,
@@ -174,3 +174,54 @@ def test_weights_for_and_attach():
     # Global normalisation: one group over all trajectories.
     glob = weights_for(rs, WeightingConfig(normalize="global"))
     assert abs(float(glob.mean()) - 1.0) < 1e-6
+
+
+def _big_rollouts(stored_weights=None):
+    rs = RolloutSet.from_trajectories(
+        [[1, 2, 3, 4, 5]] * 3,
+        [[0, 1, 0, 2, 2]] * 3,
+        [0, 0, 1],
+        [[3e38, 3e38], [0.0, 0.0], [1.0, 0.0]],
+    )
+    if stored_weights is not None:
+        rs.weights = torch.tensor(stored_weights, dtype=torch.float32)
+    return rs
+
+
+def test_finite_rewards_whose_sum_overflows():
+    """3e38 + 3e38 is finite in float64: weights are computed there, a float32 return that
+    cannot hold it is an error naming the trajectory, and no NaN weight is produced."""
+    rs = _big_rollouts()
+    with pytest.raises(RolloutFormatError, match="trajectory 0: its return 6e\\+38 .*overflows"):
+        compute_returns(rs.turn_rewards, 1.0)
+    w = weights_for(rs, WeightingConfig(gamma=1.0, beta=0.2))
+    assert w.tolist() == [2.0, 0.0, 1.0]
+    with pytest.raises(RolloutFormatError, match="trajectory 0: its return"):
+        attach_weights(rs, WeightingConfig(gamma=1.0))
+    # float64 returns hold it.
+    r64 = compute_returns(rs.turn_rewards, 1.0, dtype=torch.float64)
+    assert r64.dtype == torch.float64 and float(r64[0]) == pytest.approx(6e38)
+
+
+def test_exp_beyond_float64_is_stable():
+    """R/beta beyond float64 (inf - inf = NaN without care): shifted before dividing."""
+    returns = torch.tensor([3e38, 1e38, 0.0, -3e38], dtype=torch.float32)
+    w = compute_weights(returns, torch.tensor([0, 0, 1, 1]), beta=1e-300)
+    assert w.tolist() == [2.0, 0.0, 2.0, 0.0]
+    w = compute_weights(torch.tensor([1.0, 1.0 - 1e-7]), torch.tensor([0, 0]), beta=1e-310)
+    assert torch.isfinite(w).all() and float(w.sum()) == 2.0
+
+
+def test_non_finite_returns_and_weights_are_named():
+    with pytest.raises(RolloutFormatError, match="trajectory 2 \\(group 1\\) has return inf"):
+        compute_weights(torch.tensor([0.0, 1.0, math.inf]), torch.tensor([0, 0, 1]), 0.2)
+    with pytest.raises(RolloutFormatError, match="trajectory 1 \\(group 0\\) has return nan"):
+        compute_weights(torch.tensor([0.0, NAN]), torch.tensor([0, 0]), 0.2)
+    # Stored weights that would give a NaN or infinite loss normaliser never reach training.
+    with pytest.raises(RolloutFormatError, match="trajectory 1 has weight nan"):
+        weights_for(_big_rollouts([1.0, NAN, 1.0]), WeightingConfig())
+    with pytest.raises(RolloutFormatError, match="weights sum to 6.*trajectory 0"):
+        weights_for(_big_rollouts([3e38, 3e38, 1.0]), WeightingConfig())
+    with pytest.raises(RolloutFormatError, match="every trajectory has weight 0"):
+        weights_for(_big_rollouts([0.0, 0.0, 0.0]), WeightingConfig())
+    assert weights_for(_big_rollouts([0.0, 2.0, 1.0]), WeightingConfig()).tolist() == [0, 2, 1]

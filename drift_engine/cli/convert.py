@@ -46,7 +46,8 @@ def convert(
 
     Conversations are tokenised with the tokenizer's chat template, assistant turns are
     marked, rewards and penalties are kept. With --gamma and/or --beta (the other taking
-    its default, 0.7 / 0.2) the returns and importance weights are stored as well.
+    its default, 0.7 / 0.2) the returns and importance weights are stored as well, computed
+    as the reference's weight_sft.py computes them.
     """
     from drift_engine.data.convert import convert_reference_jsonl
     from drift_engine.data.rollouts import check_output_file, save_rollouts

@@ -17,9 +17,10 @@ from drift_engine.envs.base import (
     Message,
     Problem,
     StepResult,
+    score_answer,
 )
 from drift_engine.envs.problems import load_problems, parse_field_mapping
-from drift_engine.errors import EnvironmentSpecError
+from drift_engine.errors import DriftError, EnvironmentSpecError
 
 BUILTIN_ENVIRONMENTS: dict[str, str] = {
     "math": "drift_engine.envs.math:MathEnv",
@@ -38,6 +39,7 @@ __all__ = [
     "load_environment",
     "load_problems",
     "parse_field_mapping",
+    "score_answer",
 ]
 
 
@@ -84,7 +86,12 @@ def load_environment(spec: str, **config: Any) -> Environment:
         ) from None
     except ValueError:  # no signature available (builtins): let the call decide
         pass
-    env = factory(**config)
+    try:
+        env = factory(**config)
+    except DriftError:
+        raise
+    except (TypeError, ValueError, OverflowError) as err:  # e.g. int() of a bad option value
+        raise EnvironmentSpecError(f"bad configuration for environment {spec!r}: {err}") from None
     if not isinstance(env, Environment):
         raise EnvironmentSpecError(
             f"{spec!r} produced a {type(env).__name__}, not a drift_engine.envs.Environment; "

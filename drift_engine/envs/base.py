@@ -13,11 +13,13 @@ JSONL line) and the turn index, so rollouts of many trajectories can share one i
 
 from __future__ import annotations
 
+import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from drift_engine.errors import EnvironmentSpecError
+from drift_engine.errors import DriftError, EnvironmentSpecError
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 Problem = dict[str, Any]
@@ -34,6 +36,7 @@ class StepResult:
     feedback: str | None  # the user message that follows when not done
     answer: str | None  # the normalised parsed answer; None when it could not be parsed
     correct: bool
+    error: str | None = None  # why the answer could not be scored (see `score_answer`)
 
     @property
     def parsed(self) -> bool:
@@ -70,3 +73,48 @@ class Environment(ABC):
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings of this instance, recorded in the rollout file's metadata."""
         return {}
+
+
+def check_option_types(env_name: str, **options: tuple[Any, type | tuple[type, ...]]) -> None:
+    """Raise EnvironmentSpecError naming the first option whose value is not of its type
+    (``name=(value, types)``), e.g. a number given where a prompt text is expected."""
+    for name, (value, types) in options.items():
+        if not isinstance(value, types):
+            kinds = types if isinstance(types, tuple) else (types,)
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in kinds)
+            raise EnvironmentSpecError(
+                f"the {env_name} environment's option {name} must be {expected}, got {value!r}"
+            )
+
+
+def integer_value(value: Any, what: str) -> int:
+    """``value`` as an int: an int, an integral finite float (11.0) or a string of one
+    ("11"); anything else (11.5, Infinity, NaN, "abc", true) raises EnvironmentSpecError."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,100}\s*", value):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise EnvironmentSpecError(f"{what} must be an integer, got {value!r}")
+
+
+def score_answer(env: Environment, problem: Problem, answer: str, turn: int) -> StepResult:
+    """``env.step(problem, answer, turn)``, with a failure to score this one answer contained.
+
+    The rollout loop (and so ``eval``) scores every answer through here. An exception from
+    the environment (an answer that breaks its parser, e.g. an integer of more than 4300
+    digits, or a check that runs out of time) gives an incorrect, unparseable result with
+    reward 0 and ``error`` naming the exception, so one answer never ends a rollout; the
+    loop counts and reports such answers. A ``DriftError`` (the environment's configuration
+    or the problem is wrong) is not contained.
+    """
+    try:
+        return env.step(problem, answer, turn)
+    except DriftError:
+        raise
+    except Exception as err:
+        message = f"{type(err).__name__}: {err}"
+        if len(message) > 200:
+            message = message[:200] + "..."
+        return StepResult(0.0, False, None, None, False, error=message)

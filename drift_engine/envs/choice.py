@@ -14,8 +14,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from drift_engine.envs.base import DEFAULT_FEEDBACK, Environment, Message, Problem, StepResult
-from drift_engine.envs.math import _check_template, _last_boxed
+from drift_engine.envs.base import (
+    DEFAULT_FEEDBACK,
+    Environment,
+    Message,
+    Problem,
+    StepResult,
+    check_option_types,
+)
+from drift_engine.envs.math import _check_template, _last_boxed, last_answer_tag
 from drift_engine.errors import EnvironmentSpecError
 
 LETTERS = "ABCDEFGHIJ"
@@ -42,9 +49,9 @@ def extract_choice(text: str, letters: str = LETTERS) -> str | None:
         found = [f for f in found if f in letters]
         return found[-1] if found else None
 
-    tags = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL | re.IGNORECASE)
-    if tags:
-        inner = tags[-1].strip()
+    tag = last_answer_tag(text)
+    if tag is not None:
+        inner = tag[1].strip()
         bare = _BARE.match(inner) or _ANSWER_IS.search(inner)
         if bare and bare.group(1).upper() in letters:
             return bare.group(1).upper()
@@ -103,6 +110,12 @@ class ChoiceEnv(Environment):
         system_prompt: str | None = None,
         feedback: str = DEFAULT_FEEDBACK,
     ) -> None:
+        check_option_types(
+            "choice",
+            prompt_template=(prompt_template, str),
+            system_prompt=(system_prompt, (str, type(None))),
+            feedback=(feedback, str),
+        )
         _check_template(prompt_template, "choice", ("question", "choices"))
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
@@ -128,7 +141,7 @@ class ChoiceEnv(Environment):
             stripped = text.strip("()[]. ").upper()
             if len(stripped) == 1 and stripped in letters:
                 return stripped
-            if text.isdigit() and int(text) < len(letters):
+            if text.isdigit() and len(text) <= 2 and int(text) < len(letters):
                 return letters[int(text)]
             for letter, option in options or []:
                 if option.strip() == text:

@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import re
 
-from drift_engine.envs.base import Environment, Message, Problem, StepResult
+from drift_engine.envs.base import (
+    Environment,
+    Message,
+    Problem,
+    StepResult,
+    check_option_types,
+    integer_value,
+)
+from drift_engine.envs.math import last_answer_tag
 from drift_engine.errors import EnvironmentSpecError
 
-_TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INTEGER = re.compile(r"[+-]?\d+")
 
 HIGHER = "Higher."
@@ -30,8 +37,8 @@ FORMAT_REMINDER = "Answer with <answer>number</answer>."
 
 def parse_guess(text: str) -> int | None:
     """The integer guessed in `text`, or None when it is not a well-formed answer."""
-    tagged = _TAGGED.findall(text)
-    candidate = tagged[-1] if tagged else text
+    tagged = last_answer_tag(text, ignore_case=False)
+    candidate = tagged[1] if tagged else text
     candidate = candidate.strip()
     if not _INTEGER.fullmatch(candidate):
         return None
@@ -49,7 +56,9 @@ class GuessNumberEnv(Environment):
     required_fields = ("secret",)
 
     def __init__(self, low: int = 1, high: int = 32, secret_field: str = "secret") -> None:
-        low, high = int(low), int(high)
+        check_option_types("guess", secret_field=(secret_field, str))
+        low = integer_value(low, "guess environment: low")
+        high = integer_value(high, "guess environment: high")
         if low > high:
             raise EnvironmentSpecError(
                 f"guess environment: low={low} is above high={high}; give low <= high"
@@ -64,7 +73,10 @@ class GuessNumberEnv(Environment):
 
     def bounds(self, problem: Problem) -> tuple[int, int]:
         """The (low, high) range of `problem`: its own fields, else the environment's."""
-        return int(problem.get("low", self.low)), int(problem.get("high", self.high))
+        return (
+            integer_value(problem.get("low", self.low), "a guess problem's low"),
+            integer_value(problem.get("high", self.high), "a guess problem's high"),
+        )
 
     def prompt(self, problem: Problem) -> str:
         low, high = self.bounds(problem)
@@ -74,7 +86,7 @@ class GuessNumberEnv(Environment):
         return [{"role": "user", "content": self.prompt(problem)}]
 
     def step(self, problem: Problem, answer: str, turn: int) -> StepResult:
-        secret = int(problem[self.secret_field])
+        secret = integer_value(problem[self.secret_field], "a guess problem's secret")
         guess = parse_guess(answer)
         if guess is None:
             return StepResult(
@@ -94,9 +106,9 @@ class GuessNumberEnv(Environment):
                 f'give each JSONL line e.g. {{"{self.secret_field}": 11}}'
             )
         try:
-            secret = int(problem[self.secret_field])
+            secret = integer_value(problem[self.secret_field], self.secret_field)
             low, high = self.bounds(problem)
-        except (TypeError, ValueError) as err:
+        except EnvironmentSpecError as err:
             raise EnvironmentSpecError(
                 f"guess problem {problem!r}: secret, low and high must be integers ({err})"
             ) from None

@@ -16,6 +16,8 @@ Tuples compare element by element, in order.
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import signal
 import threading
@@ -23,7 +25,14 @@ from contextlib import contextmanager
 from fractions import Fraction
 from typing import Any
 
-from drift_engine.envs.base import DEFAULT_FEEDBACK, Environment, Message, Problem, StepResult
+from drift_engine.envs.base import (
+    DEFAULT_FEEDBACK,
+    Environment,
+    Message,
+    Problem,
+    StepResult,
+    check_option_types,
+)
 from drift_engine.errors import EnvironmentSpecError
 
 DEFAULT_MATH_PROMPT = (
@@ -32,8 +41,38 @@ DEFAULT_MATH_PROMPT = (
 
 # ---------------------------------------------------------------------------- extraction
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_TAGS = {
+    flags: (re.compile(r"<answer>", flags), re.compile(r"</answer>", flags))
+    for flags in (re.IGNORECASE, 0)
+}
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_BARE_ARGUMENT = re.compile(r"[^\s$]+")
+_BRACE = re.compile(r"[{}]")
+
+
+def last_answer_tag(text: str, ignore_case: bool = True) -> tuple[int, str] | None:
+    """(start, content) of the last ``<answer>…</answer>``: the last match of the lazy
+    ``<answer>(.*?)</answer>`` (DOTALL), found in one left-to-right pass (the regex is
+    quadratic on many unclosed tags)."""
+    open_tag, close_tag = _TAGS[re.IGNORECASE if ignore_case else 0]
+    last, pos = None, 0
+    while (opened := open_tag.search(text, pos)) is not None:
+        closed = close_tag.search(text, opened.end())
+        if closed is None:
+            break
+        last, pos = (opened.start(), opened.end(), closed.start()), closed.end()
+    return None if last is None else (last[0], text[last[1] : last[2]])
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """{index of a "{": index after its matching "}"} for every balanced group (one pass)."""
+    stack, close = [], {}
+    for match in _BRACE.finditer(text):
+        if match.group() == "{":
+            stack.append(match.start())
+        elif stack:
+            close[stack.pop()] = match.end()
+    return close
 
 
 def _braced(text: str, open_index: int) -> tuple[str, int] | None:
@@ -50,30 +89,34 @@ def _braced(text: str, open_index: int) -> tuple[str, int] | None:
 
 
 def _last_boxed(text: str) -> tuple[int, str] | None:
-    """(start, content) of the last complete ``\\boxed{…}`` (nested braces) or ``\\boxed x``."""
-    found = None
-    for match in _BOXED.finditer(text):
+    """(start, content) of the last complete ``\\boxed{…}`` (nested braces) or ``\\boxed x``.
+
+    Linear in ``len(text)``: brace groups are matched in one pass, and the candidates are
+    tried from the last one back, so only the winner's bare argument is scanned."""
+    close = None
+    for match in reversed(list(_BOXED.finditer(text))):
         end = match.end()
         if end < len(text) and text[end] == "{":
-            group = _braced(text, end)
-            if group is not None:
-                found = (match.start(), group[0])
+            if close is None:
+                close = _closing_braces(text)
+            after = close.get(end)
+            if after is not None:
+                return match.start(), text[end + 1 : after - 1]
         else:  # "\boxed 5": the argument runs to the next whitespace or "$"
-            bare = re.match(r"[^\s$]+", text[end:])
+            bare = _BARE_ARGUMENT.match(text, end)
             if bare:
-                found = (match.start(), bare.group(0))
-    return found
+                return match.start(), bare.group(0)
+    return None
 
 
 def extract_math_answer(text: str) -> str | None:
     """The final answer of a response: the last ``<answer>…</answer>`` or ``\\boxed{…}``,
     whichever comes later; a ``\\boxed`` inside the answer tag is unwrapped. None if absent."""
     candidates: list[tuple[int, str]] = []
-    tags = list(_ANSWER_TAG.finditer(text))
-    if tags:
-        inner = tags[-1].group(1)
-        boxed = _last_boxed(inner)
-        candidates.append((tags[-1].start(), boxed[1] if boxed else inner))
+    tag = last_answer_tag(text)
+    if tag is not None:
+        boxed = _last_boxed(tag[1])
+        candidates.append((tag[0], boxed[1] if boxed else tag[1]))
     boxed = _last_boxed(text)
     if boxed is not None:
         candidates.append(boxed)
@@ -146,6 +189,15 @@ _FRAC_SHORT = re.compile(r"^([-+]?)\\frac(\d)(\d)$")
 
 
 def _rational(s: str) -> Fraction | None:
+    """The exact value of a number, fraction or ``\\frac``; None when ``s`` is not one, or
+    has more digits than Python converts to an int (4300)."""
+    try:
+        return _parse_rational(s)
+    except ValueError:
+        return None
+
+
+def _parse_rational(s: str) -> Fraction | None:
     if re.fullmatch(_NUMBER, s) or re.fullmatch(rf"{_NUMBER}[eE][-+]?\d{{1,3}}", s):
         return Fraction(s)
     m = re.fullmatch(rf"({_NUMBER})/({_NUMBER})", s)
@@ -252,11 +304,19 @@ class _Timeout(Exception):
     pass
 
 
+_limit_active = False  # a _time_limit is running (main thread only: signals)
+
+
+def _limit_usable() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
 @contextmanager
 def _time_limit(seconds: float):
-    """SIGALRM-based limit in the main thread; elsewhere no limit (callers keep inputs small)."""
-    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
+    """SIGALRM-based limit in the main thread; elsewhere no limit (callers keep inputs small).
+    Inside another limit it adds none: the outer one governs."""
+    global _limit_active
+    if not _limit_usable() or _limit_active:
         yield
         return
 
@@ -265,11 +325,27 @@ def _time_limit(seconds: float):
 
     previous = signal.signal(signal.SIGALRM, _raise)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    _limit_active = True
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        _limit_active = False
+
+
+@functools.cache
+def _sympy() -> tuple[Any, Any, tuple]:
+    """(sympy, parse_expr, transformations), imported once; callers import it before a time
+    limit starts (an import cut short by the limit would leave sympy half-loaded)."""
+    import sympy
+    from sympy.parsing.sympy_parser import (
+        implicit_multiplication_application,
+        parse_expr,
+        standard_transformations,
+    )
+
+    return sympy, parse_expr, standard_transformations + (implicit_multiplication_application,)
 
 
 def _symbolic_equal(a: str, b: str, timeout: float) -> bool:
@@ -278,20 +354,18 @@ def _symbolic_equal(a: str, b: str, timeout: float) -> bool:
     expr_a, expr_b = _latex_to_expr(a), _latex_to_expr(b)
     if expr_a is None or expr_b is None:
         return False
-    import sympy
-    from sympy.parsing.sympy_parser import (
-        implicit_multiplication_application,
-        parse_expr,
-        standard_transformations,
-    )
-
-    transformations = standard_transformations + (implicit_multiplication_application,)
+    sympy, parse_expr, transformations = _sympy()
+    nested = _limit_active  # an enclosing limit (a whole MathEnv.step) must see its timeout
     try:
         with _time_limit(timeout):
             lhs = parse_expr(expr_a, transformations=transformations)
             rhs = parse_expr(expr_b, transformations=transformations)
             return bool(sympy.simplify(lhs - rhs) == 0)
-    except (_Timeout, Exception):
+    except _Timeout:
+        if nested:
+            raise
+        return False
+    except Exception:
         return False
 
 
@@ -302,6 +376,8 @@ def _math_verify_equal(reference: str, answer: str) -> bool:
         return False
     try:
         return bool(verify(parse(f"${reference}$"), parse(f"${answer}$")))
+    except _Timeout:  # the enclosing MathEnv.step limit
+        raise
     except Exception:  # math-verify's own timeouts and parse failures: not equivalent
         return False
 
@@ -402,6 +478,23 @@ class MathEnv(Environment):
         use_math_verify: bool | None = None,
         sympy_timeout: float = 2.0,
     ) -> None:
+        check_option_types(
+            "math",
+            prompt_template=(prompt_template, str),
+            system_prompt=(system_prompt, (str, type(None))),
+            feedback=(feedback, str),
+            use_math_verify=(use_math_verify, (bool, type(None))),
+        )
+        if (
+            isinstance(sympy_timeout, bool)
+            or not isinstance(sympy_timeout, (int, float))
+            or not math.isfinite(sympy_timeout)
+            or sympy_timeout <= 0
+        ):
+            raise EnvironmentSpecError(
+                f"the math environment's sympy_timeout must be a positive number of seconds "
+                f"(the time allowed to check one answer), got {sympy_timeout!r}"
+            )
         _check_template(prompt_template, "math")
         if use_math_verify and not math_verify_available():
             raise EnvironmentSpecError(
@@ -430,6 +523,19 @@ class MathEnv(Environment):
         return boxed[1] if boxed is not None else reference
 
     def step(self, problem: Problem, answer: str, turn: int) -> StepResult:
+        """Check ``answer``; the whole check (extraction, normalisation, the comparisons) runs
+        under ``sympy_timeout`` seconds in the main thread, and raises TimeoutError beyond it
+        (``score_answer`` turns that into reward 0)."""
+        _sympy()  # imported outside the limit
+        try:
+            with _time_limit(self.sympy_timeout):
+                return self._step(problem, answer)
+        except _Timeout:
+            raise TimeoutError(
+                f"checking the answer took longer than sympy_timeout={self.sympy_timeout} s"
+            ) from None
+
+    def _step(self, problem: Problem, answer: str) -> StepResult:
         parsed = extract_math_answer(answer)
         if parsed is None or not normalize_math_answer(parsed):
             return StepResult(0.0, False, self.feedback, None, False)
@@ -453,4 +559,5 @@ class MathEnv(Environment):
             "system_prompt": self.system_prompt,
             "feedback": self.feedback,
             "use_math_verify": self.use_math_verify,
+            "sympy_timeout": self.sympy_timeout,
         }

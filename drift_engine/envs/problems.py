@@ -8,6 +8,7 @@ are kept as they are, so environments can read extra keys.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,25 +33,54 @@ def _rename(record: dict[str, Any], fields: Mapping[str, str], where: str) -> Pr
     return problem
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise _NonFinite(text)
+    return value
+
+
+def _no_constant(name: str) -> float:  # NaN, Infinity, -Infinity
+    raise _NonFinite(name)
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise EnvironmentSpecError(f"cannot read the problem file {str(path)!r}: {err}") from None
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EnvironmentSpecError(
-                    f"{where}: not valid JSON ({err.msg}); a problem file has one JSON object "
-                    "per line."
-                ) from None
-            if not isinstance(record, dict):
-                raise EnvironmentSpecError(
-                    f"{where}: expected a JSON object per line, got {type(record).__name__}."
-                )
-            records.append((where, record))
+    for line_number, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path}:{line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise EnvironmentSpecError(
+                f"{where}: not UTF-8 text (byte {err.start + 1} of the line); save the problem "
+                "file as UTF-8."
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
+        except json.JSONDecodeError as err:
+            raise EnvironmentSpecError(
+                f"{where}: not valid JSON ({err.msg}); a problem file has one JSON object per line."
+            ) from None
+        except _NonFinite as err:
+            raise EnvironmentSpecError(
+                f"{where}: {err} is not a finite number; problem values must be finite "
+                "(write it as a string if it is text)."
+            ) from None
+        if not isinstance(record, dict):
+            raise EnvironmentSpecError(
+                f"{where}: expected a JSON object per line, got {type(record).__name__}."
+            )
+        records.append((where, record))
     return records
 
 

@@ -32,7 +32,7 @@ from drift_engine.data.rollouts import (
     RolloutSet,
     tokenizer_fingerprint,
 )
-from drift_engine.envs import Environment, environment_spec
+from drift_engine.envs import Environment, environment_spec, score_answer
 from drift_engine.envs.base import DEFAULT_FEEDBACK, Message, Problem
 from drift_engine.errors import ConfigError, EnvironmentSpecError
 from drift_engine.rollout.chat import ChatFormatter, first_mismatch
@@ -62,6 +62,8 @@ class Trajectory:
     answers: list[str | None] = field(default_factory=list)  # normalised; None = unparseable
     finish_reasons: list[str] = field(default_factory=list)  # engine's, per turn
     template_mismatch: int | None = None  # first position differing from the template's ids
+    # (turn, error) of answers the environment could not score (reward 0; envs.score_answer)
+    scoring_errors: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def num_turns(self) -> int:
@@ -145,6 +147,7 @@ class TurnStats:
     correct: int  # of those, correct
     solved: int  # trajectories whose first correct answer came at turn <= k
     total: int
+    scoring_errors: int = 0  # of the answers, those the environment could not score
 
     @property
     def accuracy(self) -> float:
@@ -252,7 +255,9 @@ def collect_trajectories(
             ids = list(generation.token_ids)
             stopped = bool(ids) and ids[-1] in stop_set
             content = formatter.decode(ids[:-1] if stopped else ids)
-            result = env.step(problems[traj.prompt_index], content, turn)
+            result = score_answer(env, problems[traj.prompt_index], content, turn)
+            if result.error is not None:
+                traj.scoring_errors.append((turn, result.error))
 
             traj.token_ids += ids
             traj.turn_ids += [turn] * len(ids)
@@ -290,6 +295,14 @@ def collect_trajectories(
         bar.close()
     if report.mismatched:
         warnings.warn(report.summary(), stacklevel=2)
+    errors = [(t, k, e) for t in trajectories for k, e in t.scoring_errors]
+    if errors:
+        t, k, e = errors[0]
+        warnings.warn(
+            f"{len(errors)} answers could not be scored by the {env.name!r} environment and got "
+            f"reward 0 (first: prompt {t.prompt_index}, sample {t.sample_index}, turn {k}: {e})",
+            stacklevel=2,
+        )
 
     sampling_meta = {
         **{k: v for k, v in asdict(params).items() if k != "stop_token_ids"},
@@ -413,6 +426,7 @@ def turn_stats(trajectories: Sequence[Trajectory], max_turns: int) -> list[TurnS
                     for t in trajectories
                 ),
                 total=len(trajectories),
+                scoring_errors=sum(any(j == k for j, _ in t.scoring_errors) for t in answered),
             )
         )
     return stats
@@ -426,16 +440,20 @@ def turn_stats_to_json(stats: Sequence[TurnStats]) -> str:
             "answered": [s.answered for s in stats],
             "correct": [s.correct for s in stats],
             "solved": [s.solved for s in stats],
+            "scoring_errors": [s.scoring_errors for s in stats],
         }
     )
 
 
 def turn_stats_from_json(text: str) -> list[TurnStats]:
     data = json.loads(text)
+    errors = data.get("scoring_errors", [0] * len(data["answered"]))
     return [
-        TurnStats(turn=k + 1, answered=a, correct=c, solved=s, total=data["total"])
-        for k, (a, c, s) in enumerate(
-            zip(data["answered"], data["correct"], data["solved"], strict=True)
+        TurnStats(
+            turn=k + 1, answered=a, correct=c, solved=s, total=data["total"], scoring_errors=x
+        )
+        for k, (a, c, s, x) in enumerate(
+            zip(data["answered"], data["correct"], data["solved"], errors, strict=True)
         )
     ]
 
@@ -454,6 +472,9 @@ def format_turn_stats(stats: Sequence[TurnStats]) -> str:
             f"{s.turn:>4}  {s.answered:>8}  {s.correct:>7}  {s.accuracy:>8.3f}  "
             f"{s.solved_fraction:>12.3f}"
         )
+    errors = sum(s.scoring_errors for s in stats)
+    if errors:
+        lines.append(f"{errors} answers could not be scored by the environment (reward 0)")
     return "\n".join(lines)
 
 
@@ -473,6 +494,7 @@ def write_preview(run: RolloutRun, path: str | os.PathLike) -> Path:
                 "finish_reasons": t.finish_reasons,
                 "num_tokens": len(t.token_ids),
                 "template_mismatch_at": t.template_mismatch,
+                "scoring_errors": t.scoring_errors,
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path

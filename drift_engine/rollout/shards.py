@@ -269,6 +269,7 @@ def _add_turn_stats(per_shard: Sequence[Sequence[TurnStats]]) -> list[TurnStats]
                 correct=sum(s.correct for s in present),
                 solved=sum(s.solved for s in present),
                 total=total,
+                scoring_errors=sum(s.scoring_errors for s in present),
             )
         )
     return out
