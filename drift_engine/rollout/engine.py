@@ -85,7 +85,9 @@ class Engine(ABC):
         return {"engine": self.name}
 
     def close(self) -> None:
-        """Free the model (and the engine's processes); the engine is unusable afterwards."""
+        """Free the model (and the engine's processes); the engine is unusable afterwards.
+        Engines that hold nothing beyond Python objects need not override it."""
+        return None
 
     def __enter__(self) -> Engine:
         return self

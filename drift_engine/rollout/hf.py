@@ -92,9 +92,7 @@ class HFEngine(Engine):
         self.model = model.eval()
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len or getattr(
-            model.config, "max_position_embeddings", None
-        )
+        self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
 
     @classmethod
     def from_pretrained(
@@ -240,7 +238,8 @@ class HFEngine(Engine):
             limit = limits[order[start]]
             end = start
             while (
-                end < len(order) and end - start < self.max_batch_size
+                end < len(order)
+                and end - start < self.max_batch_size
                 and limits[order[end]] == limit
             ):
                 end += 1

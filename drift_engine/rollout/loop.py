@@ -15,9 +15,10 @@ endings) add up over shards, so a merged set reports what the single-process run
 
 The context limit. With an engine that has one (``engine.max_model_len``, the same for both
 engines), a request never asks for more tokens than its conversation has room for: its
-token limit is cut to the room left, and a turn that fills it ends the trajectory (finish
-reason ``"context"``); so does a turn whose feedback and next generation prompt would leave
-no room. Such a trajectory ends cleanly after its last answer, is counted
+token limit is cut to the room left (less the tokens the template's closing of a cut answer
+takes, so that the stored trajectory fits), and a turn that fills it ends the trajectory
+(finish reason ``"context"``); so does a turn whose feedback and next generation prompt
+would leave no room. Such a trajectory ends cleanly after its last answer, is counted
 (``context_limit`` in the metadata, printed in the summary) and is kept. A first prompt
 that leaves no room is an error.
 """
@@ -224,6 +225,11 @@ def collect_trajectories(
     params = replace(sampling, stop_token_ids=stops)
     stop_set = set(stops)
     limit = engine.max_model_len
+    reserve = 0  # tokens the closing of an answer cut by the token limit adds
+    if limit is not None:
+        first = problems[shard_range(len(problems), shard_rank, shard_world).start]
+        closing, _ = formatter.assistant_closing(env.initial_messages(first), "", None)
+        reserve = len(formatter.encode(closing)) if closing else 0
 
     trajectories: list[Trajectory] = []
     for prompt_index in shard_range(len(problems), shard_rank, shard_world):
@@ -248,7 +254,7 @@ def collect_trajectories(
         if not active:
             break
         seeds = [request_seed(seed, t.prompt_index, t.sample_index, turn) for t in active]
-        budgets = _token_budgets(active, params.max_new_tokens, limit)
+        budgets = _token_budgets(active, params.max_new_tokens, limit, reserve)
         # Engines that know no context limit keep the three-argument call.
         cut = any(b != params.max_new_tokens for b in budgets)
         extra = {"max_new_tokens": budgets} if cut else {}
@@ -283,7 +289,7 @@ def collect_trajectories(
                 feedback = {"role": "user", "content": result.feedback or DEFAULT_FEEDBACK}
                 feedback_text, _ = formatter.feedback_delta(traj.messages, feedback)
                 delta_ids = formatter.encode(delta + feedback_text)
-                if limit is not None and len(traj.token_ids) + len(delta_ids) >= limit:
+                if limit is not None and len(traj.token_ids) + len(delta_ids) + reserve >= limit:
                     # No room left for a next answer: end after this one.
                     delta_ids, finished, traj.context_limited = None, True, True
                 else:
@@ -333,15 +339,16 @@ def collect_trajectories(
 
 
 def _token_budgets(
-    active: Sequence[Trajectory], max_new_tokens: int, limit: int | None
+    active: Sequence[Trajectory], max_new_tokens: int, limit: int | None, reserve: int
 ) -> list[int]:
     """Each request's token limit: ``max_new_tokens``, cut to the room its conversation has
-    left under the context limit (the loop ends trajectories before the room runs out)."""
+    left under the context limit, ``reserve`` tokens kept for the closing of a cut answer
+    (the loop ends trajectories before the room runs out)."""
     if limit is None:
         return [max_new_tokens] * len(active)
     budgets = []
     for traj in active:
-        room = limit - len(traj.token_ids)
+        room = limit - len(traj.token_ids) - reserve
         if room < 1:  # only a first prompt can get here
             raise ConfigError(
                 f"problem {traj.prompt_index}: its prompt has {len(traj.token_ids)} tokens, "

@@ -145,9 +145,7 @@ def engine_arguments(
             how = f"use {option}" if option else "the engine sets it (raw log-probs)"
             raise ConfigError(f"the vLLM argument {key!r} cannot be passed through: {how}.")
     if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-        raise ConfigError(
-            f"the memory fraction must be in (0, 1], got {gpu_memory_utilization}."
-        )
+        raise ConfigError(f"the memory fraction must be in (0, 1], got {gpu_memory_utilization}.")
     args: dict[str, Any] = {
         "dtype": "float32" if on_cpu and dtype == "auto" else dtype,
         "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
@@ -194,7 +192,9 @@ class VLLMEngine(Engine):
                 "on an x86-64 CPU (Python >= 3.11), or use --engine hf."
             ) from None
         if tensor_parallel_size < 1:
-            raise ConfigError(f"tensor parallel size must be at least 1, got {tensor_parallel_size}.")
+            raise ConfigError(
+                f"tensor parallel size must be at least 1, got {tensor_parallel_size}."
+            )
         self._vllm = vllm
         self.model_name = model
         self.tensor_parallel_size = tensor_parallel_size
