@@ -58,7 +58,9 @@ PRESETS = {
     # Measured on a 2-core CPU.
     "cpu": Preset(256, 688, 4, 4, 64, 1024, 32, 4, 5, 32),
     # A 0.5B-class shape on one GPU (bf16).
-    "gpu": Preset(1024, 2816, 24, 16, 64, 4096, 256, 8, 5, 256, dtype="bfloat16", hf_batch_size=256),
+    "gpu": Preset(
+        1024, 2816, 24, 16, 64, 4096, 256, 8, 5, 256, dtype="bfloat16", hf_batch_size=256
+    ),
 }
 
 
