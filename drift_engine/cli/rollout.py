@@ -19,13 +19,13 @@ from drift_engine.errors import ConfigError
 from drift_engine.train.config import DTypeName
 
 
-def parse_env_options(items: tuple[str, ...]) -> dict[str, Any]:
+def parse_env_options(items: tuple[str, ...], what: str = "environment option") -> dict[str, Any]:
     """``("low=1", "name=x")`` → ``{"low": 1, "name": "x"}`` (values parsed as JSON if they can be)."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"environment option {item!r} must look like KEY=VALUE.")
+            raise ConfigError(f"{what} {item!r} must look like KEY=VALUE.")
         try:
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
@@ -100,9 +100,50 @@ def _problem_options(f, env_required: bool):
         type=click.Choice(get_args(DTypeName)),
         default="auto",
         show_default=True,
-        help="Model dtype (auto: float32 on CPU, else the engine picks from the checkpoint).",
+        help="Model dtype (auto, bfloat16, float32 ...); auto is float32 on a CPU, the "
+        "model's own on a GPU. Recorded in the output's metadata (model_dtype).",
+    )(f)
+    f = click.option(
+        "--max-model-len",
+        type=int,
+        help="Context limit in tokens (prompt and answers) of either engine [default: the "
+        "model's]. Trajectories that reach it end cleanly, counted in the summary.",
+    )(f)
+    f = click.option(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vLLM: fraction of the GPU's memory (on a CPU: of the machine's) to reserve "
+        "[default: 0.9 on a GPU; on a CPU a 1 GiB KV cache instead].",
+    )(f)
+    f = click.option(
+        "--enforce-eager/--no-enforce-eager",
+        default=None,
+        help="vLLM: run eagerly, without compilation or CUDA graphs [default: on a CPU only].",
+    )(f)
+    f = click.option(
+        "--vllm-arg",
+        "vllm_args",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="vLLM: any other vllm.LLM argument, e.g. kv_cache_memory_bytes=4000000000 "
+        "(repeatable; VALUE parsed as JSON when it can be).",
     )(f)
     return f
+
+
+def engine_settings(
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    enforce_eager: bool | None,
+    vllm_args: tuple[str, ...],
+) -> dict[str, Any]:
+    """The engine options shared by ``rollout`` and ``eval``, as ``create_engine`` arguments."""
+    return {
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
+        "vllm_args": parse_env_options(vllm_args, "--vllm-arg") or None,
+    }
 
 
 env_and_problem_options = problem_options(env_required=True)
@@ -227,6 +268,10 @@ def rollout(
     tensor_parallel_size: int,
     batch_size: int,
     dtype: str,
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    enforce_eager: bool | None,
+    vllm_args: tuple[str, ...],
 ) -> None:
     """Sample N trajectories per problem, up to MAX_TURNS turns each, from a reference model.
 
@@ -320,30 +365,32 @@ def rollout(
         max_batch_size=batch_size,
         seed=seed,
         pad_token_id=padding_token_id(tokenizer),
+        **engine_settings(max_model_len, gpu_memory_utilization, enforce_eager, vllm_args),
     )
     path = shard_path(out_path, rank, world)
     preview_path = None if preview is None else shard_path(Path(preview), rank, world)
-    rollouts = collect_in_parts(
-        engine,
-        tokenizer,
-        env,
-        problem_list,
-        parts_folder(path),
-        n=n,
-        max_turns=max_turns,
-        sampling=sampling,
-        seed=seed,
-        shard_rank=rank,
-        shard_world=world,
-        prompts_per_part=prompts_per_part,
-        # One progress bar per torchrun job (rank 0's), not one per rank.
-        progress=progress and (not launch.merge or rank == 0),
-        chat_template=chat_template,
-        metadata={META_REFERENCE_MODEL: model},
-        preview=preview_path,
-        overwrite=overwrite,
-        log=lambda line: click.echo(line, err=True),
-    )
+    with engine:  # closed before rank 0 waits for the other shards
+        rollouts = collect_in_parts(
+            engine,
+            tokenizer,
+            env,
+            problem_list,
+            parts_folder(path),
+            n=n,
+            max_turns=max_turns,
+            sampling=sampling,
+            seed=seed,
+            shard_rank=rank,
+            shard_world=world,
+            prompts_per_part=prompts_per_part,
+            # One progress bar per torchrun job (rank 0's), not one per rank.
+            progress=progress and (not launch.merge or rank == 0),
+            chat_template=chat_template,
+            metadata={META_REFERENCE_MODEL: model},
+            preview=preview_path,
+            overwrite=overwrite,
+            log=lambda line: click.echo(line, err=True),
+        )
     if gamma is not None:
         from drift_engine.weighting import WeightingConfig, attach_weights
 

@@ -70,8 +70,16 @@ def create_engine(
     seed: int = 0,
     pad_token_id: int | None = None,
     trust_remote_code: bool = False,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    enforce_eager: bool | None = None,
+    vllm_args: dict[str, Any] | None = None,
 ) -> Engine:
-    """``kind``: "hf", "vllm", or "auto" (vLLM when installed and a GPU is visible, else HF)."""
+    """``kind``: "hf", "vllm", or "auto" (vLLM when installed and a GPU is visible, else HF).
+
+    ``max_model_len`` (the context limit) applies to both engines; ``gpu_memory_utilization``,
+    ``enforce_eager`` and ``vllm_args`` (any other ``vllm.LLM`` argument) to vLLM only.
+    Close the engine (``engine.close()`` or ``with``) to free it."""
     import torch
 
     from drift_engine.rollout.vllm import VLLMEngine, vllm_available
@@ -85,12 +93,30 @@ def create_engine(
             dtype=dtype,
             seed=seed,
             trust_remote_code=trust_remote_code,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            llm_kwargs=vllm_args,
         )
     if kind == "hf":
         if tensor_parallel_size != 1:
             raise ConfigError(
                 "the HF engine runs one model per process (tensor_parallel_size=1); use "
                 "--engine vllm for tensor parallelism, or shard prompts over processes."
+            )
+        given = [
+            option
+            for option, value in (
+                ("--gpu-memory-utilization", gpu_memory_utilization),
+                ("--enforce-eager/--no-enforce-eager", enforce_eager),
+                ("--vllm-arg", vllm_args or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} apply to the vLLM engine only, and this run uses the HF "
+                "engine: pass --engine vllm, or drop them."
             )
         from drift_engine.rollout.hf import HFEngine
 
@@ -100,6 +126,7 @@ def create_engine(
             dtype=dtype,
             pad_token_id=pad_token_id,
             max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
             trust_remote_code=trust_remote_code,
         )
     raise ConfigError(f"unknown engine {kind!r}: use auto, hf or vllm.")

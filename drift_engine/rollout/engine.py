@@ -2,8 +2,16 @@
 
 Engines never see text. The multi-turn loop owns the chat template and hands an engine
 batches of prompt token ids; the engine returns exactly the ids it sampled, cut after the
-first stop token (which is kept), plus the log-prob of each sampled token under the model's
-own distribution (temperature 1, no top-p) when asked.
+first stop token (which is kept), plus the log-prob of each sampled token when asked.
+
+Stored log-probs, identical in every engine: ``log_softmax`` in fp32 of the model's raw
+next-token logits (temperature 1, no top-p, no penalties: the distribution of the model
+itself, not of the sampler) at the sampled token, the model running in the dtype the engine
+reports as ``model_dtype`` in ``describe()``.
+
+An engine has a context limit (``max_model_len``: prompt plus completion tokens, ``None``
+for none) and is closed with ``close()`` (or used as a context manager), which frees its
+model and any processes it started.
 
 Sampling is reproducible per request: each prompt carries its own seed, so a request
 samples the same tokens whatever else is in its batch (up to floating-point differences
@@ -59,6 +67,7 @@ class Engine(ABC):
     """Generates completions for batches of tokenised prompts."""
 
     name: str = "engine"
+    max_model_len: int | None = None  # prompt + completion tokens; None = no limit
 
     @abstractmethod
     def generate(
@@ -66,12 +75,55 @@ class Engine(ABC):
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """One completion per prompt; ``seeds[i]`` fixes the randomness of prompt i."""
+        """One completion per prompt; ``seeds[i]`` fixes the randomness of prompt i, and
+        ``max_new_tokens[i]`` (when given) replaces ``params.max_new_tokens`` for it."""
 
     def describe(self) -> dict[str, str]:
         """What produced the samples, for the rollout file's metadata."""
         return {"engine": self.name}
+
+    def close(self) -> None:
+        """Free the model (and the engine's processes); the engine is unusable afterwards.
+        Engines that hold nothing beyond Python objects need not override it."""
+        return None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request_limits(
+    params: SamplingParams, count: int, max_new_tokens: Sequence[int] | None
+) -> list[int]:
+    """Per-request token limits: ``max_new_tokens`` checked, else ``params``' for all."""
+    if max_new_tokens is None:
+        return [params.max_new_tokens] * count
+    if len(max_new_tokens) != count:
+        raise ValueError(f"{count} prompts but {len(max_new_tokens)} token limits")
+    limits = [int(m) for m in max_new_tokens]
+    if any(m < 1 for m in limits):
+        raise ValueError(f"token limits must be at least 1, got {min(limits)}")
+    return limits
+
+
+def check_context(
+    prompts: Sequence[Sequence[int]], limits: Sequence[int], max_model_len: int | None
+) -> None:
+    """Refuse a request whose prompt plus token limit exceeds the context, rather than cut
+    its limit silently (the rollout loop sends only requests that fit)."""
+    if max_model_len is None:
+        return
+    for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+        if len(prompt) + limit > max_model_len:
+            raise ConfigError(
+                f"prompt {i} has {len(prompt)} tokens and may generate {limit}, more than the "
+                f"engine's max model length {max_model_len}: pass smaller token limits (the "
+                "rollout loop does) or raise --max-model-len."
+            )
 
 
 def request_seed(seed: int, *parts: int) -> int:

@@ -4,19 +4,28 @@ Sampling happens in a logits processor that draws each row's token from its own 
 generator and hands ``generate`` a one-hot score row, which greedy search then picks. So
 every request is reproducible by its seed whatever else shares its batch, top-p and
 temperature are applied exactly once, and the sampled token's log-prob under the raw model
-distribution is read from the same logits without a second pass.
+distribution (``drift_engine.rollout.engine``) is read from the same logits without a
+second pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from drift_engine.errors import ConfigError
-from drift_engine.rollout.engine import Engine, Generation, SamplingParams, trim_at_stop
+from drift_engine.rollout.engine import (
+    Engine,
+    Generation,
+    SamplingParams,
+    check_context,
+    request_limits,
+    trim_at_stop,
+)
 
 
 class SeededSampler:
@@ -66,12 +75,24 @@ class HFEngine(Engine):
 
     name = "hf"
 
-    def __init__(self, model: Any, *, pad_token_id: int, max_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        pad_token_id: int,
+        max_batch_size: int = 64,
+        max_model_len: int | None = None,
+    ) -> None:
+        """``max_model_len``: the context limit (prompt + completion tokens); default the
+        model's ``max_position_embeddings``, as vLLM derives it."""
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be at least 1, got {max_batch_size}.")
+        if max_model_len is not None and max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {max_model_len}.")
         self.model = model.eval()
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
 
     @classmethod
     def from_pretrained(
@@ -82,6 +103,7 @@ class HFEngine(Engine):
         dtype: str | torch.dtype = "auto",
         pad_token_id: int | None = None,
         max_batch_size: int = 64,
+        max_model_len: int | None = None,
         trust_remote_code: bool = False,
     ) -> HFEngine:
         """Load ``path`` (local folder or hub name). On CPU "auto" dtype means fp32."""
@@ -108,7 +130,12 @@ class HFEngine(Engine):
             pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
             if isinstance(pad_token_id, list):
                 pad_token_id = pad_token_id[0]
-        return cls(model.to(device), pad_token_id=pad_token_id, max_batch_size=max_batch_size)
+        return cls(
+            model.to(device),
+            pad_token_id=pad_token_id,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +146,20 @@ class HFEngine(Engine):
             "engine": self.name,
             "model_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": self.device.type,
+            "max_model_len": str(self.max_model_len),
         }
+
+    def close(self) -> None:
+        """Drop the model and return its memory (the CUDA cache included)."""
+        if getattr(self, "model", None) is None:
+            return
+        device = self.device
+        self.model = None
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @contextmanager
     def _neutral_generation_config(self, params: SamplingParams):
@@ -177,20 +217,39 @@ class HFEngine(Engine):
         return generations
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if any(len(p) == 0 for p in prompts):
             raise ConfigError("cannot generate from an empty prompt.")
-        # Similar lengths together: less padding. Results do not depend on the grouping.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        limits = request_limits(params, len(prompts), max_new_tokens)
+        check_context(prompts, limits, self.max_model_len)
+        # Batches share a token limit (no row runs past its own); similar lengths together:
+        # less padding. Results do not depend on the grouping.
+        order = sorted(range(len(prompts)), key=lambda i: (limits[i], -len(prompts[i])))
         results: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start : start + self.max_batch_size]
+        start = 0
+        while start < len(order):
+            limit = limits[order[start]]
+            end = start
+            while (
+                end < len(order)
+                and end - start < self.max_batch_size
+                and limits[order[end]] == limit
+            ):
+                end += 1
+            chunk = order[start:end]
             outputs = self._generate_batch(
-                [prompts[i] for i in chunk], params, [seeds[i] for i in chunk]
+                [prompts[i] for i in chunk],
+                replace(params, max_new_tokens=limit),
+                [seeds[i] for i in chunk],
             )
             for i, generation in zip(chunk, outputs, strict=True):
                 results[i] = generation
+            start = end
         return results  # type: ignore[return-value]

@@ -9,9 +9,18 @@ Randomness is per request: the seed of prompt i, sample j, turn t is derived fro
 (seed, i, j, t), with i the prompt's index in the whole problem list. So a run sharded over
 prompts (``shard_rank``/``shard_world``) produces exactly the trajectories of the
 single-process run, with the same global group ids, and its shards concatenate into it.
-The summaries stored in the metadata (per-turn counts, template mismatches) add up over
-shards, so a merged set reports what the single-process run would
+The summaries stored in the metadata (per-turn counts, template mismatches, context-limit
+endings) add up over shards, so a merged set reports what the single-process run would
 (``drift_engine.rollout.shards``).
+
+The context limit. With an engine that has one (``engine.max_model_len``, the same for both
+engines), a request never asks for more tokens than its conversation has room for: its
+token limit is cut to the room left (less the tokens the template's closing of a cut answer
+takes, so that the stored trajectory fits), and a turn that fills it ends the trajectory
+(finish reason ``"context"``); so does a turn whose feedback and next generation prompt
+would leave no room. Such a trajectory ends cleanly after its last answer, is counted
+(``context_limit`` in the metadata, printed in the summary) and is kept. A first prompt
+that leaves no room is an error.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ META_TEMPLATE_MISMATCHES = "template_mismatches"
 META_TURN_STATS = "turn_stats"
 META_PROBLEMS = "problems"  # JSON: {"count": int, "sha256": hash of the whole problem list}
 META_SHARD = "shard"  # "rank/world"; "0/1" for a whole set
+# JSON: {"trajectories": ended at the context limit, "max_model_len": int | null}
+META_CONTEXT_LIMIT = "context_limit"
 
 
 @dataclass
@@ -60,10 +71,11 @@ class Trajectory:
     rewards: list[float] = field(default_factory=list)  # one per assistant turn
     correct: list[bool] = field(default_factory=list)  # one per assistant turn
     answers: list[str | None] = field(default_factory=list)  # normalised; None = unparseable
-    finish_reasons: list[str] = field(default_factory=list)  # engine's, per turn
+    finish_reasons: list[str] = field(default_factory=list)  # stop/length/context, per turn
     template_mismatch: int | None = None  # first position differing from the template's ids
     # (turn, error) of answers the environment could not score (reward 0; envs.score_answer)
     scoring_errors: list[tuple[int, str]] = field(default_factory=list)
+    context_limited: bool = False  # ended by the engine's context limit before its episode did
 
     @property
     def num_turns(self) -> int:
@@ -217,6 +229,12 @@ def collect_trajectories(
         )
     params = replace(sampling, stop_token_ids=stops)
     stop_set = set(stops)
+    limit = engine.max_model_len
+    reserve = 0  # tokens the closing of an answer cut by the token limit adds
+    if limit is not None:
+        first = problems[shard_range(len(problems), shard_rank, shard_world).start]
+        closing, _ = formatter.assistant_closing(env.initial_messages(first), "", None)
+        reserve = len(formatter.encode(closing)) if closing else 0
 
     block = shard_range(len(problems), shard_rank, shard_world)
     if prompt_range is not None:
@@ -249,11 +267,16 @@ def collect_trajectories(
         if not active:
             break
         seeds = [request_seed(seed, t.prompt_index, t.sample_index, turn) for t in active]
-        generations = engine.generate([t.token_ids for t in active], params, seeds)
+        budgets = _token_budgets(active, params.max_new_tokens, limit, reserve)
+        # Engines that know no context limit keep the three-argument call.
+        cut = any(b != params.max_new_tokens for b in budgets)
+        extra = {"max_new_tokens": budgets} if cut else {}
+        generations = engine.generate([t.token_ids for t in active], params, seeds, **extra)
         still_active = []
-        for traj, generation in zip(active, generations, strict=True):
+        for traj, generation, budget in zip(active, generations, budgets, strict=True):
             ids = list(generation.token_ids)
             stopped = bool(ids) and ids[-1] in stop_set
+            full = not stopped and budget < params.max_new_tokens and len(ids) >= budget
             content = formatter.decode(ids[:-1] if stopped else ids)
             result = score_answer(env, problems[traj.prompt_index], content, turn)
             if result.error is not None:
@@ -268,18 +291,26 @@ def collect_trajectories(
             traj.rewards.append(float(result.reward))
             traj.correct.append(bool(result.correct))
             traj.answers.append(result.answer)
-            traj.finish_reasons.append(generation.finish_reason)
+            traj.finish_reasons.append("context" if full else generation.finish_reason)
 
             stop_text = formatter.decode(ids[-1:]) if stopped else None
             delta, _ = formatter.assistant_closing(traj.messages, content, stop_text)
             traj.messages.append({"role": "assistant", "content": content})
             finished = result.done or turn == max_turns
+            traj.context_limited = full and not finished
+            finished = finished or full
+            delta_ids = None
             if not finished:
                 feedback = {"role": "user", "content": result.feedback or DEFAULT_FEEDBACK}
                 feedback_text, _ = formatter.feedback_delta(traj.messages, feedback)
-                delta += feedback_text
-                traj.messages.append(feedback)
-            delta_ids = formatter.encode(delta) if delta else []
+                delta_ids = formatter.encode(delta + feedback_text)
+                if limit is not None and len(traj.token_ids) + len(delta_ids) + reserve >= limit:
+                    # No room left for a next answer: end after this one.
+                    delta_ids, finished, traj.context_limited = None, True, True
+                else:
+                    traj.messages.append(feedback)
+            if delta_ids is None:
+                delta_ids = formatter.encode(delta) if delta else []
             traj.token_ids += delta_ids
             traj.turn_ids += [0] * len(delta_ids)
             if traj.logprobs is not None:
@@ -320,6 +351,12 @@ def collect_trajectories(
         META_PROBLEMS: problems_fingerprint(problems),
         META_TEMPLATE_MISMATCHES: report.to_json(),
         META_TURN_STATS: turn_stats_to_json(turn_stats(trajectories, max_turns)),
+        META_CONTEXT_LIMIT: json.dumps(
+            {
+                "trajectories": sum(t.context_limited for t in trajectories),
+                "max_model_len": limit,
+            }
+        ),
         META_SHARD: f"{shard_rank}/{shard_world}",
     }
     return RolloutRun(trajectories, max_turns, report, metadata)
@@ -335,6 +372,39 @@ def validate_problems(
             env.validate_problem(problems[index])
         except EnvironmentSpecError as err:
             raise EnvironmentSpecError(f"problem {index}: {err}") from None
+
+
+def _token_budgets(
+    active: Sequence[Trajectory], max_new_tokens: int, limit: int | None, reserve: int
+) -> list[int]:
+    """Each request's token limit: ``max_new_tokens``, cut to the room its conversation has
+    left under the context limit, ``reserve`` tokens kept for the closing of a cut answer
+    (the loop ends trajectories before the room runs out)."""
+    if limit is None:
+        return [max_new_tokens] * len(active)
+    budgets = []
+    for traj in active:
+        room = limit - len(traj.token_ids) - reserve
+        if room < 1:  # only a first prompt can get here
+            raise ConfigError(
+                f"problem {traj.prompt_index}: its prompt has {len(traj.token_ids)} tokens, "
+                f"which leaves no room for an answer within the engine's max model length "
+                f"{limit}; shorten the prompt or raise --max-model-len."
+            )
+        budgets.append(min(max_new_tokens, room))
+    return budgets
+
+
+def context_limit_summary(text: str) -> str | None:
+    """The summary line of a ``context_limit`` metadata entry; None when none was hit."""
+    data = json.loads(text)
+    if not data["trajectories"]:
+        return None
+    return (
+        f"context limit: {data['trajectories']} trajectories ended at the engine's max model "
+        f"length ({data['max_model_len']} tokens) before their episode was over (finish reason "
+        "'context'; raise --max-model-len or lower --max-new-tokens/--max-turns)"
+    )
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -492,6 +562,7 @@ def write_preview(run: RolloutRun, path: str | os.PathLike) -> Path:
                 "answers": t.answers,
                 "first_correct_turn": t.first_correct_turn,
                 "finish_reasons": t.finish_reasons,
+                "context_limited": t.context_limited,
                 "num_tokens": len(t.token_ids),
                 "template_mismatch_at": t.template_mismatch,
                 "scoring_errors": t.scoring_errors,

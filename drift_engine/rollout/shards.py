@@ -42,12 +42,14 @@ from drift_engine.data.rollouts import (
 )
 from drift_engine.errors import ConfigError, RolloutFormatError
 from drift_engine.rollout.loop import (
+    META_CONTEXT_LIMIT,
     META_PROBLEMS,
     META_SHARD,
     META_TEMPLATE_MISMATCHES,
     META_TURN_STATS,
     TemplateReport,
     TurnStats,
+    context_limit_summary,
     format_turn_stats,
     shard_from_env,
     turn_stats_from_json,
@@ -55,7 +57,7 @@ from drift_engine.rollout.loop import (
 )
 
 # Metadata entries that differ between shards and are combined; all others must agree.
-COMBINED_METADATA = (META_SHARD, META_TEMPLATE_MISMATCHES, META_TURN_STATS)
+COMBINED_METADATA = (META_SHARD, META_TEMPLATE_MISMATCHES, META_TURN_STATS, META_CONTEXT_LIMIT)
 # How long rank 0 waits for the other ranks' shards after finishing its own.
 SHARD_WAIT_TIMEOUT = timedelta(hours=24)
 _STORE_PREFIX = "drift_engine/rollout/shard_written"
@@ -244,6 +246,14 @@ def merge_rollout_sets(
     if all(META_TURN_STATS in s.metadata for s in sets):
         stats = [turn_stats_from_json(s.metadata[META_TURN_STATS]) for s in sets]
         metadata[META_TURN_STATS] = turn_stats_to_json(_add_turn_stats(stats))
+    if all(META_CONTEXT_LIMIT in s.metadata for s in sets):
+        limits = [json.loads(s.metadata[META_CONTEXT_LIMIT]) for s in sets]
+        metadata[META_CONTEXT_LIMIT] = json.dumps(
+            {
+                "trajectories": sum(c["trajectories"] for c in limits),
+                "max_model_len": limits[0]["max_model_len"],  # the engine's: in metadata too
+            }
+        )
     merged = replace(RolloutSet.concat(sets, group_ids="keep"), metadata=metadata)
     if merged.weights is not None and reference.get(META_NORMALIZE) == "global" and world > 1:
         merged = _reweight_globally(merged)
@@ -348,6 +358,8 @@ def summary_lines(rollouts: RolloutSet) -> list[str]:
         lines.append(format_turn_stats(turn_stats_from_json(meta[META_TURN_STATS])))
     if META_TEMPLATE_MISMATCHES in meta:
         lines.append(TemplateReport.from_json(meta[META_TEMPLATE_MISMATCHES]).summary())
+    if META_CONTEXT_LIMIT in meta and (line := context_limit_summary(meta[META_CONTEXT_LIMIT])):
+        lines.append(line)
     return lines
 
 
