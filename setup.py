@@ -16,5 +16,7 @@ setup(
     package_data={
         "drift_engine": ["py.typed"],
         "drift_engine.assets": ["guess-model/*", "guess-problems/*.jsonl", "train.toml"],
+        # the arithmetic word problems' train and held-out splits (drift_engine.envs.word_problems)
+        "drift_engine.envs": ["data/*.jsonl"],
     },
 )

@@ -107,6 +107,9 @@ def test_wheel_is_the_package_imported(installed):
     source = importlib.util.find_spec("drift_engine.kernels").submodule_search_locations[0]
     kernels = [p.name for p in Path(source).glob("*.py")]
     assert kernels and all((site / "drift_engine" / "kernels" / k).is_file() for k in kernels)
+    # and the arithmetic word problems' splits
+    splits = sorted(p.name for p in (ROOT / "drift_engine" / "envs" / "data").glob("*.jsonl"))
+    assert splits and all((site / "drift_engine" / "envs" / "data" / n).is_file() for n in splits)
 
 
 def test_every_subcommand_help(installed):
