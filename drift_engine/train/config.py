@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,10 +30,7 @@ from typing import Any, Literal, Union
 
 from drift_engine.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
+import tomllib
 
 TrainTurns = Literal["last", "all"]
 LossMode = Literal["trajectory", "weighted", "token"]
