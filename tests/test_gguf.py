@@ -5,20 +5,18 @@ read back by transformers and turned into a plain Hugging Face folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import gguf  # the dev extra installs it (and the gguf extra, for users)
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
 
+from drift_engine.cli import cli  # noqa: E402
 from drift_engine.errors import ConfigError  # noqa: E402
-from drift_engine.models.gguf import (  # noqa: E402
-    SOURCE_FILE,
-    convert_gguf,
-    find_gguf_file,
-    resolve_model_source,
-)
+from drift_engine.models.gguf import SOURCE_FILE, convert_gguf, find_gguf_file  # noqa: E402
+from drift_engine.models.sources import resolve_model_source  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -154,13 +152,55 @@ def test_converted_folder_is_the_same_model_and_tokenizer(tiny_gguf, tmp_path):
 def test_resolve_converts_once_and_caches(tiny_gguf, tmp_path, monkeypatch):
     path, _, _ = tiny_gguf
     monkeypatch.setenv("DRIFT_ENGINE_CACHE", str(tmp_path / "cache"))
-    first = resolve_model_source(path)
-    assert (tmp_path / "cache") in __import__("pathlib").Path(first).parents
-    stamp = (__import__("pathlib").Path(first) / SOURCE_FILE).stat().st_mtime_ns
-    assert resolve_model_source(str(path)) == first
-    assert (__import__("pathlib").Path(first) / SOURCE_FILE).stat().st_mtime_ns == stamp
+    first = Path(resolve_model_source(path))
+    assert (tmp_path / "cache") in first.parents
+    stamp = (first / SOURCE_FILE).stat().st_mtime_ns
+    assert resolve_model_source(str(path)) == str(first)
+    assert (first / SOURCE_FILE).stat().st_mtime_ns == stamp
     # a folder whose only model file is the GGUF resolves to the same conversion
-    assert resolve_model_source(path.parent) == first
+    assert resolve_model_source(path.parent) == str(first)
+    with pytest.raises(ConfigError, match="already exists"):
+        convert_gguf(path, first)
+
+
+def test_gguf_and_checkpoint_folders_through_the_commands(tiny_gguf, tmp_path, monkeypatch):
+    """rollout from the GGUF file, train on its rollouts with the GGUF as --model, eval the
+    checkpoint folder (not its model/ export) against the GGUF: every command takes both."""
+    from click.testing import CliRunner
+
+    from drift_engine.assets import asset_path
+    from drift_engine.data.rollouts import load_rollouts
+
+    path, _, _ = tiny_gguf
+    monkeypatch.setenv("DRIFT_ENGINE_CACHE", str(tmp_path / "cache"))
+    problems = str(asset_path("guess-problems/train.jsonl"))
+    runner = CliRunner()
+    rollouts = tmp_path / "rollouts.safetensors"
+    common = ["--env", "guess", "--problems", problems, "--limit", "2", "--max-turns", "2",
+              "--max-new-tokens", "6", "--no-progress"]  # fmt: skip
+    result = runner.invoke(
+        cli, ["rollout", "--model", str(path), "--n", "2", "--out", str(rollouts), *common]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_rollouts(rollouts).num_trajectories == 4
+
+    run = tmp_path / "run"
+    result = runner.invoke(
+        cli,
+        ["train", "--data", str(rollouts), "--model", str(path), "--out", str(run),
+         "--max-steps", "1", "--batch-tokens", "512", "--device", "cpu", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    checkpoint = next(run.glob("checkpoint-*"))
+    assert resolve_model_source(checkpoint) == str(checkpoint / "model")
+
+    result = runner.invoke(
+        cli,
+        ["eval", "--model", str(path), "--model", str(checkpoint), "--label", "gguf",
+         "--label", "trained", "--out", str(tmp_path / "eval"), *common],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "gguf" in result.output and "trained" in result.output
 
 
 def test_non_gguf_sources_pass_through(tmp_path):

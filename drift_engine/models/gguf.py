@@ -7,10 +7,10 @@ copied into a plain model built from the same config (without the ``quantization
 makes ``save_pretrained`` refuse and vLLM fail with "Unknown quantization method: gguf"), and
 the model and tokenizer are saved as safetensors.
 
-``resolve_model_source(name)`` is the one entry point: it returns ``name`` unchanged for
-anything that is not a GGUF source, and otherwise the path of the converted folder, kept in a
-cache keyed by the file's path, size and modification time, so the conversion (seconds to
-minutes: building a 49k-token BPE tokenizer from GGUF metadata is the slow part) runs once.
+``cached_conversion(file)`` gives the converted folder, kept in a cache keyed by the file's
+path, size and modification time, so the conversion (seconds to minutes: building a
+49k-token BPE tokenizer from GGUF metadata is the slow part) runs once per file. Commands
+reach it through :func:`drift_engine.models.sources.resolve_model_source`.
 """
 
 from __future__ import annotations
@@ -69,9 +69,13 @@ def converted_folder(gguf: Path) -> Path:
 
 def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write ``gguf`` as a Hugging Face folder (fp32 safetensors, tokenizer, generation config)
-    at ``out``, atomically: ``out`` appears complete or not at all."""
+    at ``out``, atomically: ``out`` appears complete or not at all. An existing ``out`` is
+    refused, except a complete conversion that another process finished meanwhile (ranks
+    under torchrun converting the same file), which is kept."""
     gguf = Path(gguf)
     out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{str(out)!r} already exists; remove it or choose another folder.")
     try:
         import gguf as _gguf_package  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
@@ -105,25 +109,23 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> Path:
         (tmp / SOURCE_FILE).write_text(
             json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}, indent=2) + "\n"
         )
-        if out.exists():
-            shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / SOURCE_FILE).is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def resolve_model_source(name_or_path: str | os.PathLike) -> str:
-    """``name_or_path`` itself (a Hub id or Hugging Face folder), or for a GGUF source the
-    folder of its conversion, converting on first use."""
-    gguf = find_gguf_file(name_or_path)
-    if gguf is None:
-        return str(name_or_path)
+def cached_conversion(gguf: Path) -> Path:
+    """The Hugging Face folder of ``gguf`` in the cache, converting it on first use."""
     folder = converted_folder(gguf)
     if not (folder / SOURCE_FILE).is_file():
         convert_gguf(gguf, folder)
-    return str(folder)
+    return folder
 
 
-__all__ = ["convert_gguf", "converted_folder", "find_gguf_file", "resolve_model_source"]
+__all__ = ["cached_conversion", "convert_gguf", "converted_folder", "find_gguf_file"]

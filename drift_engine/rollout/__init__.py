@@ -76,14 +76,18 @@ def create_engine(
     vllm_args: dict[str, Any] | None = None,
 ) -> Engine:
     """``kind``: "hf", "vllm", or "auto" (vLLM when installed and a GPU is visible, else HF).
+    ``model``: a Hub id, a Hugging Face folder, a training checkpoint folder or a GGUF file
+    (:func:`~drift_engine.models.sources.resolve_model_source`).
 
     ``max_model_len`` (the context limit) applies to both engines; ``gpu_memory_utilization``,
     ``enforce_eager`` and ``vllm_args`` (any other ``vllm.LLM`` argument) to vLLM only.
     Close the engine (``engine.close()`` or ``with``) to free it."""
     import torch
 
+    from drift_engine.models.sources import resolve_model_source
     from drift_engine.rollout.vllm import VLLMEngine, vllm_available
 
+    model = resolve_model_source(model)  # a checkpoint folder or a GGUF file too
     if kind == "auto":
         kind = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     if kind == "vllm":
@@ -133,12 +137,16 @@ def create_engine(
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a model folder or Hub id (a local path works offline), with a clear
-    error when it cannot be loaded."""
+    """The tokenizer of a model folder, checkpoint folder, GGUF file or Hub id (a local path
+    works offline), with a clear error when it cannot be loaded."""
     from transformers import AutoTokenizer
 
+    from drift_engine.models.sources import resolve_model_source
+
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            resolve_model_source(path), trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"cannot load tokenizer {path!r}: {err}; pass a local folder holding its tokenizer "

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from drift_engine.errors import CheckpointError, ConfigError, TrainingDivergedError
+from drift_engine.models.sources import CHECKPOINT_MODEL_DIR
 from drift_engine.train.distributed import (
     DistributedContext,
     all_reduce_sum_,
@@ -70,7 +71,6 @@ from drift_engine.train.distributed import (
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
-MODEL_DIR = "model"  # the Hugging Face export inside a checkpoint folder
 MODEL_CARD = "README.md"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 STATE_FORMAT_VERSION = 1
@@ -205,7 +205,7 @@ def save_checkpoint(
     # Consolidated export: a collective under FSDP, materialised on the main rank only.
     full_sd = full_model_state_dict(model, ctx)
     if ctx.is_main:
-        export = tmp / MODEL_DIR
+        export = tmp / CHECKPOINT_MODEL_DIR
         _export_pretrained(model, full_sd, export, export_dtype, merge_lora=merge_lora)
         if tokenizer is not None:
             tokenizer.save_pretrained(export)

@@ -44,8 +44,8 @@ from drift_engine.errors import CheckpointError, ConfigError, TrainingDivergedEr
 from drift_engine.models import apply_lora, load_model, parse_dtype, weighted_sft_loss
 from drift_engine.models.compile import compile_decoder_layers
 from drift_engine.models.loading import check_position_table
+from drift_engine.models.sources import CHECKPOINT_MODEL_DIR, resolve_model_source
 from drift_engine.train.checkpoint import (
-    MODEL_DIR,
     TrainerState,
     checkpoint_step,
     list_checkpoints,
@@ -90,7 +90,7 @@ class TrainResult:
     @property
     def model(self) -> Path | None:
         """The last checkpoint's Hugging Face export (``checkpoint-N/model``)."""
-        return self.checkpoint / MODEL_DIR if self.checkpoint is not None else None
+        return self.checkpoint / CHECKPOINT_MODEL_DIR if self.checkpoint is not None else None
 
 
 @dataclass
@@ -162,8 +162,10 @@ class Trainer:
                 f"{config.data.path} holds no trajectories; nothing to train. Check the "
                 "rollout run that wrote it (every sample may have been filtered out)"
             )
+        # a Hub id, a Hugging Face folder, a checkpoint folder or a GGUF file
+        model_source = resolve_model_source(config.model.name_or_path)
         model = load_model(
-            config.model.name_or_path,
+            model_source,
             dtype=torch.float32,
             device=self.ctx.device,
             attn_implementation=config.model.attn_implementation,
@@ -177,7 +179,7 @@ class Trainer:
             "to train a longer context on purpose, raise max_position_embeddings in the "
             "model's config.json",
         )
-        self.tokenizer = _load_tokenizer(config.model.name_or_path)
+        self.tokenizer = _load_tokenizer(model_source)
         self.tokenizer_check = self._tokenizer_check()
         validate_rollouts(
             self.rollouts,
