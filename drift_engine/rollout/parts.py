@@ -4,9 +4,9 @@ as soon as it is sampled, so a crash or a kill keeps what was finished and a rer
 The parts of output ``roll.safetensors`` live in the folder ``roll.safetensors.partial/``:
 ``part-00003.safetensors`` holds the trajectories of the third block of ``prompts_per_part``
 prompts (a complete rollout file, written under a temporary name and renamed, so a part
-that exists is whole), ``part-00003.jsonl`` its preview lines
-when a preview is asked for, and ``run.json`` what the run depends on (problems,
-environment, sampling, seed, shard, tokenizer, engine, part size). A rerun with the same
+that exists is whole), ``part-00003.jsonl`` its preview lines when a preview is asked for,
+and ``run.json`` what the run depends on (problems, environment, sampling, seed, shard,
+tokenizer, engine, part size). A rerun with the same
 settings loads the parts that exist and samples only the others; since every request's seed
 depends only on (seed, prompt, sample, turn), the result is the set an uninterrupted run
 writes. A folder left by a run with other settings is refused (``overwrite=True`` discards
