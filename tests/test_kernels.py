@@ -15,6 +15,8 @@ import torch
 from drift_engine.kernels import _chunking
 from drift_engine.kernels.cross_entropy import ce_forward, resolve_schedule
 from drift_engine.kernels.logprobs import logprobs_backward, logprobs_forward
+from drift_engine.ops import CrossEntropyOptions, LogProbOptions
+from drift_engine.ops.backends import launcher_options
 from drift_engine.ops.reference import cross_entropy_reference, logprobs_reference, reference_logits
 
 IGNORE = -100
@@ -315,6 +317,21 @@ def test_logprobs_backward_without_upstream_is_zero(device):
     _, _, lse = logprobs_forward(hidden, weight, b, labels)
     for g in logprobs_backward(hidden, weight, b, labels, lse, None, None):
         assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize(
+    "launcher, options",
+    [
+        (ce_forward, CrossEntropyOptions(z_loss=1e-3, softcap=5.0, schedule="vocab_slabs")),
+        (logprobs_forward, LogProbOptions(temperature=0.7, return_entropy=True, chunk_size=3)),
+        (logprobs_backward, LogProbOptions(temperature=0.7, ignore_index=-1)),
+    ],
+)
+def test_launchers_read_options_fields_by_name(launcher, options):
+    """Each launcher's keyword arguments are options fields, handed over by name."""
+    taken = launcher_options(launcher, options)
+    assert taken and all(getattr(options, name) == value for name, value in taken.items())
+    assert "impl" not in taken and "check_labels" not in taken
 
 
 # ----------------------------------------------------------------------------- chunking

@@ -48,22 +48,25 @@ COLUMN_MULTIPLE = 256
 MAX_BLOCK_V = 4096
 
 
-def rows_per_chunk(num_rows: int, row_bytes: int, budget_bytes: int) -> int:
-    """Rows per chunk so that a chunk of ``row_bytes``-sized rows fits ``budget_bytes``.
-
-    The rows are split into equal chunks (the last one possibly shorter), each a multiple
-    of ROW_MULTIPLE rows unless one chunk holds everything.
-    """
-    if num_rows <= 0:
+def _equal_pieces(total: int, unit_bytes: int, budget_bytes: int, multiple: int) -> int:
+    """Units (rows or columns) per piece so that a piece of ``unit_bytes``-sized units fits
+    ``budget_bytes``: ``total`` split into equal pieces (the last one possibly shorter), each
+    rounded up to a multiple of ``multiple`` where that still fits, unless one piece holds
+    everything."""
+    if total <= 0:
         return 1
-    max_rows = max(1, budget_bytes // max(1, row_bytes))
-    if max_rows >= num_rows:
-        return num_rows
-    num_chunks = math.ceil(num_rows / max_rows)
-    rows = math.ceil(num_rows / num_chunks)
-    # Round up to a tile multiple when that still fits the budget; otherwise keep `rows`.
-    rounded = math.ceil(rows / ROW_MULTIPLE) * ROW_MULTIPLE
-    return min(rounded, num_rows) if rounded <= max_rows else rows
+    max_units = max(1, budget_bytes // max(1, unit_bytes))
+    if max_units >= total:
+        return total
+    units = math.ceil(total / math.ceil(total / max_units))
+    rounded = math.ceil(units / multiple) * multiple
+    return min(rounded, total) if rounded <= max_units else units
+
+
+def rows_per_chunk(num_rows: int, row_bytes: int, budget_bytes: int) -> int:
+    """Rows per chunk so that a chunk of ``row_bytes``-sized rows fits ``budget_bytes``
+    (equal chunks, multiples of ROW_MULTIPLE rows)."""
+    return _equal_pieces(num_rows, row_bytes, budget_bytes, ROW_MULTIPLE)
 
 
 def token_chunk_rows(
@@ -77,16 +80,9 @@ def token_chunk_rows(
 
 
 def columns_per_slab(num_columns: int, column_bytes: int, budget_bytes: int) -> int:
-    """Vocabulary columns per slab so that a slab of ``column_bytes``-sized columns fits."""
-    if num_columns <= 0:
-        return 1
-    max_columns = max(1, budget_bytes // max(1, column_bytes))
-    if max_columns >= num_columns:
-        return num_columns
-    num_slabs = math.ceil(num_columns / max_columns)
-    columns = math.ceil(num_columns / num_slabs)
-    rounded = math.ceil(columns / COLUMN_MULTIPLE) * COLUMN_MULTIPLE
-    return min(rounded, num_columns) if rounded <= max_columns else columns
+    """Vocabulary columns per slab so that a slab of ``column_bytes``-sized columns fits
+    (equal slabs, multiples of COLUMN_MULTIPLE columns)."""
+    return _equal_pieces(num_columns, column_bytes, budget_bytes, COLUMN_MULTIPLE)
 
 
 def chunk_bounds(total: int, step: int) -> list[tuple[int, int]]:

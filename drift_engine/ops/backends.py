@@ -3,13 +3,17 @@
 ``resolve_impl`` turns ``impl`` ("auto", "triton", "torch") and the tensors' device into
 the backend that runs; ``ce_forward``, ``logprobs_forward`` and ``logprobs_backward`` run
 it: the chunked PyTorch functions of torch_impl.py, which read the options object, or the
-Triton launchers of drift_engine.kernels, which take plain numbers. Only the custom ops of
-library.py call these, so eager and torch.compile run the same code.
+Triton launchers of drift_engine.kernels, which take plain numbers as keyword arguments
+named after the options' fields (``launcher_options``). Only the custom ops of library.py
+call these, so eager and torch.compile run the same code.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -78,6 +82,21 @@ def _kernels(name: str) -> ModuleType:
     return module
 
 
+@functools.cache
+def _launcher_keywords(launcher: Callable) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, parameter in inspect.signature(launcher).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+
+def launcher_options(launcher: Callable, opts: CrossEntropyOptions | LogProbOptions) -> dict:
+    """The options a Triton launcher takes: its keyword-only parameters are named after
+    fields of the options object, so each reads the fields it needs by name."""
+    return {name: getattr(opts, name) for name in _launcher_keywords(launcher)}
+
+
 def ce_forward(
     hidden: torch.Tensor,  # (N, H) contiguous
     weight: torch.Tensor,  # (V, H) contiguous
@@ -91,18 +110,9 @@ def ce_forward(
     if resolve_impl(opts.impl, hidden.device) == "torch":
         loss, _, *grads = torch_impl.ce_forward(hidden, weight, bias, labels, opts, row_coef)
     else:
-        loss, _, *grads = _kernels("cross_entropy").ce_forward(
-            hidden,
-            weight,
-            bias,
-            labels,
-            row_coef,
-            ignore_index=opts.ignore_index,
-            label_smoothing=opts.label_smoothing,
-            z_loss=opts.z_loss,
-            softcap=opts.softcap,
-            chunk_size=opts.chunk_size,
-            schedule=opts.schedule,
+        launcher = _kernels("cross_entropy").ce_forward
+        loss, _, *grads = launcher(
+            hidden, weight, bias, labels, row_coef, **launcher_options(launcher, opts)
         )
     return (loss, *grads)
 
@@ -117,16 +127,8 @@ def logprobs_forward(
     """(logprobs (N,), entropy (N,) or None, lse (N,)), all fp32."""
     if resolve_impl(opts.impl, hidden.device) == "torch":
         return torch_impl.logprobs_forward(hidden, weight, bias, labels, opts)
-    return _kernels("logprobs").logprobs_forward(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temperature=opts.temperature,
-        return_entropy=opts.return_entropy,
-        ignore_index=opts.ignore_index,
-        chunk_size=opts.chunk_size,
-    )
+    launcher = _kernels("logprobs").logprobs_forward
+    return launcher(hidden, weight, bias, labels, **launcher_options(launcher, opts))
 
 
 def logprobs_backward(
@@ -145,7 +147,8 @@ def logprobs_backward(
         return torch_impl.logprobs_backward(
             hidden, weight, bias, labels, lse, grad_logprobs, grad_entropy, opts
         )
-    return _kernels("logprobs").logprobs_backward(
+    launcher = _kernels("logprobs").logprobs_backward
+    return launcher(
         hidden,
         weight,
         bias,
@@ -153,7 +156,5 @@ def logprobs_backward(
         lse,
         grad_logprobs,
         grad_entropy,
-        temperature=opts.temperature,
-        ignore_index=opts.ignore_index,
-        chunk_size=opts.chunk_size,
+        **launcher_options(launcher, opts),
     )
