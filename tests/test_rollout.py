@@ -437,11 +437,15 @@ class CrashAfter(Engine):
     def __init__(self, engine, crash_at=None):
         self.engine, self.crash_at, self.prompts = engine, crash_at, []
 
-    def generate(self, prompts, params, seeds):
+    @property
+    def max_model_len(self):
+        return self.engine.max_model_len
+
+    def generate(self, prompts, params, seeds, **limits):
         if self.crash_at is not None and len(self.prompts) + 1 >= self.crash_at:
             raise KeyboardInterrupt
         self.prompts.append(len(prompts))
-        return self.engine.generate(prompts, params, seeds)
+        return self.engine.generate(prompts, params, seeds, **limits)
 
     def describe(self):
         return self.engine.describe()
