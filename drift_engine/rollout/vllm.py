@@ -69,7 +69,7 @@ _OWN_ARGUMENTS = {
     "gpu_memory_utilization": "--gpu-memory-utilization",
     "max_model_len": "--max-model-len",
     "enforce_eager": "--enforce-eager/--no-enforce-eager",
-    "trust_remote_code": "trust_remote_code",
+    "trust_remote_code": "create_engine(..., trust_remote_code=True)",
     "logprobs_mode": None,  # fixed: the stored log-probs are defined as the raw ones
 }
 
