@@ -41,7 +41,12 @@ from drift_engine.rollout import (
 )
 from drift_engine.rollout.hf import HFEngine
 from drift_engine.rollout.shards import summary_lines
-from drift_engine.rollout.vllm import CPU_KV_CACHE_BYTES, cpu_thread_binding, engine_arguments
+from drift_engine.rollout.vllm import (
+    CPU_KV_CACHE_BYTES,
+    bind_torchrun_rank_cores,
+    cpu_thread_binding,
+    engine_arguments,
+)
 
 # A random model's sampled tokenisations are rarely the canonical ones: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:token bookkeeping")
@@ -233,6 +238,23 @@ def test_cpu_thread_binding_gives_each_rank_its_own_cores():
     assert cpu_thread_binding(1, 2, 2, cpus) == "4,5|6,7"  # tensor parallel: one list each
     assert [cpu_thread_binding(r, 2, 1, [0, 1]) for r in range(2)] == ["0", "1"]
     assert [cpu_thread_binding(r, 3, 1, [0, 1]) for r in range(3)] == ["0", "1", "0"]
+
+
+def test_torchrun_ranks_bind_their_own_cores(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert bind_torchrun_rank_cores(1) is None  # outside torchrun vLLM binds by itself
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    seen = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        seen.append(bind_torchrun_rank_cores(1))
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == seen[-1]
+    assert seen == ["4,5", "6,7"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the user's own is kept
+    assert bind_torchrun_rank_cores(1) == "0-1"
 
 
 def test_vllm_only_options_refused_with_the_hf_engine(checkpoint, tmp_path):
