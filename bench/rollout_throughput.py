@@ -183,6 +183,7 @@ def machine() -> dict[str, Any]:
     import os
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0))}
+    info["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work sharing the cores
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -5,8 +5,9 @@ a checkpoint written by ``drift-engine train`` from a seeded random Llama of hea
 (vLLM's CPU attention has no head_dim 16, the shipped toy model's), in fp32, eager, with
 the engine's CPU defaults. The HF engine runs the same checkpoint in fp32.
 
-Where vLLM is not installed or cannot start on this CPU (its kernels need AVX2 at least),
-the vLLM tests are skipped with the reason in the summary; with ``DRIFT_REQUIRE_VLLM=1``
+Where vLLM is not installed or its kernels cannot run on this CPU (they need AVX2 at
+least), the vLLM tests are skipped with the reason in the summary (an engine that fails to
+start on a CPU that runs the kernels fails the tests); with ``DRIFT_REQUIRE_VLLM=1``
 they fail instead, and under CI (``CI=true``) a missing vllm fails (scripts/setup.sh
 installs it). The option and helper tests below need no vLLM.
 
@@ -41,7 +42,12 @@ from drift_engine.rollout import (
 )
 from drift_engine.rollout.hf import HFEngine
 from drift_engine.rollout.shards import summary_lines
-from drift_engine.rollout.vllm import CPU_KV_CACHE_BYTES, cpu_thread_binding, engine_arguments
+from drift_engine.rollout.vllm import (
+    CPU_KV_CACHE_BYTES,
+    bind_torchrun_rank_cores,
+    cpu_thread_binding,
+    engine_arguments,
+)
 
 # A random model's sampled tokenisations are rarely the canonical ones: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:token bookkeeping")
@@ -139,10 +145,8 @@ def vllm_engine(checkpoint):
         _unavailable(*problem)
     from drift_engine.rollout.vllm import VLLMEngine
 
-    try:
-        engine = VLLMEngine(str(checkpoint["checkpoint"]), seed=0)
-    except Exception as err:  # noqa: BLE001 - the reason goes into the skip/fail message
-        _unavailable(f"the engine did not start: {type(err).__name__}: {err}")
+    # vLLM runs on this CPU (the probe passed): a failure to start is a failure.
+    engine = VLLMEngine(str(checkpoint["checkpoint"]), seed=0)
     yield engine
     engine.close()
 
@@ -233,6 +237,25 @@ def test_cpu_thread_binding_gives_each_rank_its_own_cores():
     assert cpu_thread_binding(1, 2, 2, cpus) == "4,5|6,7"  # tensor parallel: one list each
     assert [cpu_thread_binding(r, 2, 1, [0, 1]) for r in range(2)] == ["0", "1"]
     assert [cpu_thread_binding(r, 3, 1, [0, 1]) for r in range(3)] == ["0", "1", "0"]
+
+
+def test_torchrun_ranks_bind_their_own_cores(monkeypatch):
+    # setenv first: monkeypatch then restores the variables' absence afterwards.
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert bind_torchrun_rank_cores(1) is None  # outside torchrun vLLM binds by itself
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    seen = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        seen.append(bind_torchrun_rank_cores(1))
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == seen[-1]
+    assert seen == ["4,5", "6,7"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the user's own is kept
+    assert bind_torchrun_rank_cores(1) == "0-1"
 
 
 def test_vllm_only_options_refused_with_the_hf_engine(checkpoint, tmp_path):

@@ -69,7 +69,7 @@ _OWN_ARGUMENTS = {
     "gpu_memory_utilization": "--gpu-memory-utilization",
     "max_model_len": "--max-model-len",
     "enforce_eager": "--enforce-eager/--no-enforce-eager",
-    "trust_remote_code": "trust_remote_code",
+    "trust_remote_code": "create_engine(..., trust_remote_code=True)",
     "logprobs_mode": None,  # fixed: the stored log-probs are defined as the raw ones
 }
 
@@ -127,6 +127,20 @@ def _torchrun_local_world() -> tuple[int, int] | None:
             f"LOCAL_RANK and LOCAL_WORLD_SIZE must be integers, got {local_rank!r} and "
             f"{local_world!r}."
         ) from None
+
+
+def bind_torchrun_rank_cores(tensor_parallel_size: int) -> str | None:
+    """Under torchrun, set ``VLLM_CPU_OMP_THREADS_BIND`` to this local rank's block of the
+    process's cores (``cpu_thread_binding``) unless it is set already; returns the value in
+    force, None outside torchrun. Call before the engine starts its workers."""
+    local = _torchrun_local_world()
+    if local is None:
+        return None
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
+            *local, tensor_parallel_size, sorted(os.sched_getaffinity(0))
+        )
+    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def engine_arguments(
@@ -206,11 +220,8 @@ class VLLMEngine(Engine):
             enforce_eager=enforce_eager,
             llm_kwargs=dict(llm_kwargs or {}),
         )
-        local = _torchrun_local_world()
-        if self.on_cpu and local is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
-                *local, tensor_parallel_size, sorted(os.sched_getaffinity(0))
-            )
+        if self.on_cpu:
+            bind_torchrun_rank_cores(tensor_parallel_size)
         with without_torchrun_environment():
             try:
                 self.llm = vllm.LLM(
