@@ -187,6 +187,22 @@ def test_eval_labels_overwrite_and_progress(tmp_path):
     assert labels == ["guess-model", "guess-model-2"]
 
 
+def test_eval_checks_out_before_any_work(tmp_path, monkeypatch):
+    """--out under a regular file, or in a folder that cannot be written, is refused before
+    a model loads (it used to fail at the end, after every episode)."""
+    from drift_engine.rollout import hf
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(hf.HFEngine, "from_pretrained", no_loading)
+    (tmp_path / "afile").write_text("")
+    result = _eval(tmp_path / "afile" / "eval")
+    assert result.exit_code == 2 and "afile' is a file, not a folder" in result.output, result.output
+    result = _eval(tmp_path / "afile")
+    assert result.exit_code == 2 and "is a file; give a folder" in result.output, result.output
+
+
 @pytest.mark.parametrize(
     "labels, message",
     [(["only-one"], "got 1 --label for 2 --model"), (["x", "x"], "'x' is given twice")],

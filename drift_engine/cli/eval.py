@@ -53,7 +53,10 @@ def model_labels(models: tuple[str, ...], labels: tuple[str, ...]) -> list[str]:
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a file, or into a folder with files, unless `overwrite`."""
+    """Refuse, before any work, a file as --out, a folder with files in it (unless
+    `overwrite`), and a place where the folder cannot be created or written."""
+    from drift_engine.files import check_writable_location
+
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder.")
     if not overwrite and out.is_dir() and any(out.iterdir()):
@@ -61,6 +64,7 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
             f"--out {out} already holds files (an earlier evaluation?); choose another "
             "folder or pass --overwrite to write over its results."
         )
+    check_writable_location(out)
 
 
 @click.command("eval")

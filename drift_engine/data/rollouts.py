@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from drift_engine.errors import ConfigError, RolloutFormatError
+from drift_engine.files import check_writable_location
 
 FORMAT_NAME = "drift-rollouts"
 FORMAT_VERSION = 1
@@ -614,23 +615,7 @@ def check_output_file(
             f"{option} {str(path)!r} already exists ({shown}); pass --overwrite to replace it, "
             "or choose another name."
         )
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(
-            f"{option} {str(path)!r} cannot be written: {str(folder)!r} is a file, not a "
-            "folder; choose another path."
-        )
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(
-            f"{option} {str(path)!r} cannot be written: {err.strerror or err} "
-            f"({str(folder)!r}); choose a writable folder."
-        ) from None
+    check_writable_location(path, option)
     return path
 
 
