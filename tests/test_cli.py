@@ -101,7 +101,7 @@ def captured_train_config(monkeypatch):
     seen = {}
 
     class Recorder:
-        def __init__(self, config):
+        def __init__(self, config, **kwargs):
             seen["config"] = config
             raise click.exceptions.Exit(0)
 

@@ -76,7 +76,7 @@ from drift_engine.train.metrics import (
     weight_stats,
 )
 from drift_engine.train.schedule import build_scheduler
-from drift_engine.weighting import WeightingConfig, weights_for
+from drift_engine.weighting import weights_for
 
 RUN_FILE = "run.json"
 
@@ -188,7 +188,7 @@ class Trainer:
             train_turns=config.data.train_turns,
         )
         self.weights = weights_for(  # (S,) float32, on the host (packing reads it)
-            self.rollouts, _weighting_config(config), override=config.weighting.overrides
+            self.rollouts, config.weighting.resolve(), override=config.weighting.overrides
         )
         lora = config.model.lora
         if lora.r > 0:
@@ -601,7 +601,7 @@ class Trainer:
     def _model_card(self) -> str:
         """model/README.md of a checkpoint: what was trained, on what, and how."""
         config, state = self.config, self.state
-        w = _weighting_config(config)
+        w = config.weighting.resolve()
         lora = config.model.lora
         export = "full model"
         if lora.r > 0:
@@ -686,11 +686,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _weighting_config(config: TrainConfig) -> WeightingConfig:
-    given = {k: v for k, v in dataclasses.asdict(config.weighting).items() if v is not None}
-    return WeightingConfig(**given)
 
 
 # Files of which a model folder with a tokenizer holds at least one.
