@@ -164,7 +164,9 @@ def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> N
         # trainer failed after joining it).
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if trainer.ctx.is_main:
+    if trainer.ctx.is_main and result.nothing_trained is not None:
+        click.echo(f"nothing trained: {result.nothing_trained}")  # exit 0: the run is complete
+    elif trainer.ctx.is_main:
         click.echo(
             f"trained {result.steps} steps; checkpoint: {result.checkpoint}; model: {result.model}"
         )
