@@ -173,3 +173,23 @@ def test_missing_required_flags_exit_2(tmp_path):
     result = invoke("--out", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "error: data.path is not set" in result.output
+
+
+def test_docs_table_and_help_are_generated_from_the_config():
+    """docs/training.md's configuration table is config_reference() (regenerate it with the
+    command in the comment above it), and every flag of --help is a TrainConfig key's."""
+    from pathlib import Path
+
+    from drift_engine.cli.train import _FLAGS
+    from drift_engine.train.config import config_reference, leaf_fields
+
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    start = doc.index("| key | flag | default | meaning |")
+    end = doc.index("<!-- end of the generated table -->")
+    assert doc[start:end] == config_reference()
+    help_text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output
+    keys = dict(leaf_fields())
+    for name, (key, option) in _FLAGS.items():
+        assert keys[key].metadata["help"] in " ".join(help_text.split()), name
+        assert f"| `{key}` | `{'/'.join(option.opts + option.secondary_opts)}` |" in doc
+    assert {"lr", "max_steps", "gamma", "beta", "resume", "progress"} <= _FLAGS.keys()

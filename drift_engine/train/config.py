@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from drift_engine.errors import ConfigError
-from drift_engine.fields import above, at_least, check_fields, option, unset_variant, within
+from drift_engine.fields import (
+    FLAG,
+    HELP,
+    above,
+    at_least,
+    check_fields,
+    option,
+    unset_variant,
+    within,
+)
 from drift_engine.weighting_config import WeightingConfig, gamma_beta_rule
 
 TrainTurns = Literal["last", "all"]
@@ -223,7 +232,9 @@ class ScheduleConfig:
         "constant_with_warmup", help="Learning-rate schedule.", flag="--schedule"
     )
     warmup_ratio: float = option(
-        0.1, help="Linear warmup over this fraction of the optimizer steps (DRIFT: 10%).",
+        0.1,
+        help="Linear warmup over this fraction of the optimizer steps, ceil(ratio · steps) "
+        "steps (DRIFT: 10%).",
         flag="--warmup-ratio", check=within(0, 1),
     )  # fmt: skip
     warmup_steps: int | None = option(
@@ -501,3 +512,31 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug, not user input
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def config_reference() -> str:
+    """The Markdown table of every TrainConfig key (its flag, default and help): the
+    configuration table of docs/training.md, generated from the same fields as --help."""
+    rows = ["| key | flag | default | meaning |", "|---|---|---|---|"]
+    for key, f in leaf_fields():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = f.metadata.get(FLAG)
+        cells = [f"`{key}`", f"`{flag}`" if flag else "", _shown(default), f.metadata[HELP]]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(value: Any) -> str:
+    """A default as the TOML file spells it ("" shows as blank: a required key)."""
+    if value is None:
+        return "unset"
+    if value == "":
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
