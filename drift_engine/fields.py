@@ -70,9 +70,9 @@ def within(low: float, high: float, *, high_open: bool = False) -> Check:
     return lambda v: None if low <= v <= high else f"must be in [{low}, {high}{close}"
 
 
-def help_of(cls: type, name: str) -> str:
-    """The help text of field ``name`` of dataclass ``cls``."""
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata[HELP]
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of field ``f`` (a fresh one for a ``default_factory``)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def unset_variant(cls: type, name: str, *, help: str, flag: str | None = None) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import shlex
 import sys
 import tomllib
-from dataclasses import MISSING
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -20,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 from drift_engine.errors import ConfigError
-from drift_engine.fields import FLAG, HELP
+from drift_engine.fields import FLAG, HELP, field_default
 from drift_engine.train.config import (
     TrainConfig,
     apply_overrides,
@@ -43,7 +42,7 @@ def _flag_options() -> dict[str, tuple[str, click.Option]]:
         args = [a for a in get_args(hint) if a is not type(None)]
         if get_origin(hint) in (Union, UnionType) and len(args) == 1:
             hint = args[0]  # X | None: the flag takes an X
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        default = field_default(f)
         kwargs: dict[str, Any] = {
             "help": f.metadata[HELP],
             "default": None if default in (None, "", []) else default,

@@ -36,6 +36,7 @@ from drift_engine.fields import (
     above,
     at_least,
     check_fields,
+    field_default,
     option,
     unset_variant,
     within,
@@ -522,7 +523,7 @@ def config_reference() -> str:
     configuration table of docs/training.md, generated from the same fields as --help."""
     rows = ["| key | flag | default | meaning |", "|---|---|---|---|"]
     for key, f in leaf_fields():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         flag = f.metadata.get(FLAG)
         cells = [f"`{key}`", f"`{flag}`" if flag else "", _shown(default), f.metadata[HELP]]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
