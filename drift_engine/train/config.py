@@ -15,7 +15,10 @@ section::
     [optim]
     lr = 5e-6
 
-Unknown keys and values of the wrong type raise ``ConfigError`` naming the key.
+Each field is written once, with its default, help, flag and check
+(``drift_engine.fields.option``): ``drift-engine train``'s flags and docs/training.md's table
+(``config_reference``) are generated from them, and ``validate`` runs the checks. Unknown
+keys and values of the wrong type raise ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ LossMode = Literal["trajectory", "weighted", "token"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 ScheduleName = Literal["constant_with_warmup", "cosine"]
 Strategy = Literal["auto", "none", "ddp", "fsdp"]
+
+
+def _device_name(name: str) -> str | None:
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    return None
 
 
 @dataclass
@@ -294,6 +309,7 @@ class TrainConfig:
         help="Device, e.g. cpu, cuda:1 (auto: CUDA when available, this rank's GPU under "
         "torchrun, else CPU).",
         flag="--device",
+        check=_device_name,
     )
     strategy: Strategy = option(
         "auto",
@@ -336,15 +352,6 @@ class TrainConfig:
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, got {value}")
         check_fields(self)
-        if self.device != "auto":
-            import torch
-
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ConfigError(
-                    f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-                ) from None
         if self.model.compile:
             from drift_engine.models.compile import check_compile_backend
 
