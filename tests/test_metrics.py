@@ -191,7 +191,7 @@ def test_evaluation_during_training(tmp_path):
     assert evaluated == [2, 3]  # every 2 steps, and after the last
     # The last evaluation is the final model's multi@k, as drift-engine eval computes it.
     final = evaluate_multi_at_k(
-        HFEngine.from_pretrained(str(result.checkpoint), device="cpu"),
+        HFEngine.from_pretrained(str(result.model), device="cpu"),
         tokenizer,
         load_environment("math"),
         [json.loads(x) for x in problems.read_text().splitlines()],
