@@ -49,8 +49,9 @@ def convert(
     """Import the DRIFT reference's rollout JSONL (IN.jsonl) into a rollouts file.
 
     Conversations are tokenised with the tokenizer's chat template, assistant turns are
-    marked, rewards and penalties are kept. With --gamma and/or --beta the returns and
-    importance weights are stored as well.
+    marked, rewards and penalties are kept. With --gamma and/or --beta (the other taking
+    its default, 0.7 / 0.2) the returns and importance weights are stored as well, computed
+    as the reference's weight_sft.py computes them.
     """
     from drift_engine.data.convert import convert_reference_jsonl
     from drift_engine.data.rollouts import check_output_file, save_rollouts
