@@ -26,7 +26,7 @@ from drift_engine.weighting_config import from_gamma_beta
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (refused without it).")
 @weighting_options(
-    effect="also stores returns and weights, as the reference's weight_sft.py computes them",
+    effect="also stores returns and weights",
     unset="no weights are stored (train computes them)",
 )
 @click.option("--reference-model", default=None, help="Recorded in the file's metadata.")
