@@ -19,8 +19,7 @@ already signed: ``format_penalty_term`` (-0.1 per unparseable turn) and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -33,37 +32,10 @@ from drift_engine.data.rollouts import (
     RolloutSet,
 )
 from drift_engine.errors import ConfigError, RolloutFormatError
+from drift_engine.weighting_config import WeightingConfig
 
 REPEAT_PENALTY_COEF = 0.5
 FORMAT_PENALTY_PER_TURN = -0.1
-
-
-@dataclass(frozen=True)
-class WeightingConfig:
-    """How returns become weights (defaults: the DRIFT reference code).
-
-    gamma: per-turn discount of rewards. beta: temperature of exp(R / beta).
-    clip_max: upper bound on a weight, applied after normalisation and not followed by a
-        renormalisation (renormalising would push weights back above the bound), so a
-        clipped group averages below 1.
-    normalize: "group" divides by the mean over the trajectory's prompt group; "global"
-        over all trajectories.
-    """
-
-    gamma: float = 0.7
-    beta: float = 0.2
-    clip_max: float | None = None
-    normalize: Literal["group", "global"] = "group"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"gamma must lie in [0, 1], got {self.gamma}")
-        if not self.beta > 0.0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if self.clip_max is not None and not self.clip_max > 0.0:
-            raise ConfigError(f"clip_max must be > 0 or None, got {self.clip_max}")
-        if self.normalize not in ("group", "global"):
-            raise ConfigError(f"normalize must be 'group' or 'global', got {self.normalize!r}")
 
 
 def format_penalty_term(num_unparseable: int, per_turn: float = FORMAT_PENALTY_PER_TURN) -> float:

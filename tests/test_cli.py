@@ -211,3 +211,41 @@ def test_eval_bad_labels(tmp_path, labels, message):
     result = _eval(tmp_path / "eval", *[a for label in labels for a in ("--label", label)])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "eval").exists()
+
+
+def test_gamma_and_beta_are_one_option_on_every_command():
+    """--gamma/--beta on train, rollout, convert and demo: the same names and type, the
+    same help (WeightingConfig's, with the same rule), the same range checked the same way."""
+    from drift_engine.weighting_config import WeightingConfig
+
+    commands = _commands()
+    fields = WeightingConfig.__dataclass_fields__
+    for name in ("train", "rollout", "convert", "demo"):
+        ctx, command = commands[name]
+        params = {p.name: p for p in command.params}
+        for option in ("gamma", "beta"):
+            param = params[option]
+            assert param.opts == [f"--{option}"] and param.type is click.FLOAT, (name, option)
+            assert param.help.startswith(fields[option].metadata["help"]), (name, option)
+            if name == "demo":  # the demo always weights: the defaults are shown
+                assert param.get_default(ctx, call=False) == getattr(WeightingConfig(), option)
+            else:
+                assert param.get_default(ctx, call=False) is None
+                assert "Giving --gamma or --beta" in param.help, (name, option)
+
+    required = {
+        "train": ["--data", "r.safetensors", "--model", "m", "--out", "o"],
+        "rollout": ["--out", "r.safetensors"],
+        "convert": ["in.jsonl", "--tokenizer", "t", "--out", "o.safetensors"],
+        "demo": [],
+    }
+    for name, args in required.items():
+        for flag, value, message in [
+            ("--gamma", "1.5", "gamma must be in [0, 1], got 1.5"),
+            ("--beta", "0", "beta must be > 0, got 0.0"),
+        ]:
+            result = CliRunner().invoke(cli, [name, *args, flag, value])
+            assert result.exit_code == 2, (name, result.output)
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.output)
+            assert message in lines[0], (name, result.output)

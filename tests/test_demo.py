@@ -259,7 +259,7 @@ def test_demo_pipeline_reduced(tmp_path):
     "args, message",
     [
         (["--beta", "0"], "beta must be > 0"),
-        (["--gamma", "1.5"], "gamma must lie in [0, 1]"),
+        (["--gamma", "1.5"], "gamma must be in [0, 1]"),
         (["--rebuild-model", "--model", "m"], "--model or --rebuild-model"),
         (["--rebuild-model"], "exists from an earlier run"),
     ],

@@ -81,23 +81,56 @@ def test_train_end_to_end(inputs, tmp_path):
     ]
     assert all(changed)
 
-    # Resuming a finished run trains nothing more and keeps the checkpoint.
-    resume = ["--config", str(config), "--max-steps", "2", "--resume", "--device", "cpu"]
-    result = invoke(*common, *resume, "--lr", "1e-3")
+    # Resuming a finished run trains nothing, says why and how to go on, and leaves the
+    # output folder as it was.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    resume = ["--config", str(config), "--resume", "--device", "cpu"]
+    result = invoke(*common, *resume, "--max-steps", "2", "--lr", "1e-3")
     assert result.exit_code == 0, result.output
-    assert "trained 2 steps" in result.output
-    assert (out / "checkpoint-000002").is_dir()
+    assert "trained 2 steps" not in result.output
+    assert (
+        f"nothing trained: the checkpoint {out / 'checkpoint-000002'} is at step 2, already at "
+        "--max-steps 2; pass a larger --max-steps to train further"
+    ) in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     # Resuming with another learning rate (the TOML file's, without the flag) is refused,
-    # unless asked for; then run.json records the change.
-    result = invoke(*common, *resume)
+    # unless asked for; then run.json records the change. A larger --max-steps extends the
+    # run.
+    result = invoke(*common, *resume, "--max-steps", "3")
     assert result.exit_code == 2
     assert "optim.lr: 0.001 -> 0.01" in result.output and "--allow-config-change" in result.output
     assert json.loads((out / "run.json").read_text())["config"]["optim"]["lr"] == 1e-3
-    result = invoke(*common, *resume, "--allow-config-change")
+    resume.append("--allow-config-change")
+    result = invoke(*common, *resume, "--max-steps", "3")
     assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output
+    assert (out / "checkpoint-000003").is_dir()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
     overrides = json.loads((out / "run.json").read_text())["resume_overrides"]
     assert overrides == [{"key": "optim.lr", "checkpoint": 1e-3, "now": 1e-2}]
+
+    # A checkpoint past --max-steps: nothing trained, the newer checkpoint is kept.
+    result = invoke(*common, *resume, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "is at step 3, past --max-steps 2" in result.output
+    assert (out / "checkpoint-000003").is_dir()
+
+    # Without --max-steps the run goes on to the end of its epoch and stops there; a larger
+    # --epochs extends it.
+    assert invoke(*common, *resume).exit_code == 0
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    result = invoke(*common, *resume)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"is at step {last}, the end of the run's 1 epoch(s) ({last} steps); pass a larger "
+        "--epochs to train further"
+    ) in result.output
+    result = invoke(*common, *resume, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    steps = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert steps > last and f"trained {steps} steps" in result.output
 
 
 @pytest.mark.parametrize(
@@ -140,3 +173,23 @@ def test_missing_required_flags_exit_2(tmp_path):
     result = invoke("--out", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "error: data.path is not set" in result.output
+
+
+def test_docs_table_and_help_are_generated_from_the_config():
+    """docs/training.md's configuration table is config_reference() (regenerate it with the
+    command in the comment above it), and every flag of --help is a TrainConfig key's."""
+    from pathlib import Path
+
+    from drift_engine.cli.train import _FLAGS
+    from drift_engine.train.config import config_reference, leaf_fields
+
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    start = doc.index("| key | flag | default | meaning |")
+    end = doc.index("<!-- end of the generated table -->")
+    assert doc[start:end] == config_reference()
+    help_text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output
+    keys = dict(leaf_fields())
+    for name, (key, option) in _FLAGS.items():
+        assert keys[key].metadata["help"] in " ".join(help_text.split()), name
+        assert f"| `{key}` | `{'/'.join(option.opts + option.secondary_opts)}` |" in doc
+    assert {"lr", "max_steps", "gamma", "beta", "resume", "progress"} <= _FLAGS.keys()

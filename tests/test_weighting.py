@@ -126,6 +126,39 @@ def test_config_validation():
         WeightingConfig(clip_max=-1.0)
     with pytest.raises(ConfigError, match="normalize"):
         WeightingConfig(normalize="batch")
+    assert WeightingConfig(gamma=0.0).gamma == 0.0  # γ = 0: the first turn's reward alone
+
+
+def test_train_config_weighting_is_the_weighting_config():
+    """Training's weighting section takes WeightingConfig's ranges and defaults: one
+    definition, so what the library accepts the trainer accepts (γ = 0 included)."""
+    from drift_engine.train.config import WeightingSection, apply_overrides, config_from_dict
+
+    config = config_from_dict({"out": "o", "data": {"path": "d"}, "model": {"name_or_path": "m"}})
+    assert not config.validate().weighting.overrides
+    assert config.weighting.resolve() == WeightingConfig()
+    edge = apply_overrides(config, {"weighting.gamma": 0.0}).validate().weighting
+    assert edge.resolve() == WeightingConfig(gamma=0.0) and edge.overrides
+    for key, value, message in [
+        ("weighting.gamma", 1.5, r"weighting.gamma must be in \[0, 1\], got 1.5"),
+        ("weighting.beta", 0.0, "weighting.beta must be > 0, got 0.0"),
+        ("weighting.clip_max", -1.0, "weighting.clip_max must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(config, {key: value}).validate()
+        with pytest.raises(ConfigError, match=message.removeprefix("weighting.")):
+            WeightingConfig(**{key.removeprefix("weighting."): value})
+    assert WeightingSection(beta=0.5).resolve() == WeightingConfig(beta=0.5)
+
+
+def test_gamma_beta_rule():
+    from drift_engine.weighting_config import from_gamma_beta
+
+    assert from_gamma_beta(None, None) is None
+    assert from_gamma_beta(0.9, None) == WeightingConfig(gamma=0.9)
+    assert from_gamma_beta(None, 0.5) == WeightingConfig(beta=0.5)
+    with pytest.raises(ConfigError, match=r"gamma must be in \[0, 1\]"):
+        from_gamma_beta(-0.1, 0.2)
 
 
 def _rollouts():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from drift_engine.cli.options import weighting_options
 from drift_engine.errors import ConfigError
+from drift_engine.weighting_config import from_gamma_beta
 
 
 @click.command("convert")
@@ -23,8 +25,10 @@ from drift_engine.errors import ConfigError
     help="Output rollouts file (*.safetensors).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (refused without it).")
-@click.option("--gamma", type=float, default=None, help="Also store returns and weights: discount.")
-@click.option("--beta", type=float, default=None, help="Also store weights: temperature.")
+@weighting_options(
+    effect="also stores returns and weights",
+    unset="no weights are stored (train computes them)",
+)
 @click.option("--reference-model", default=None, help="Recorded in the file's metadata.")
 @click.option(
     "--max-shard-mb",
@@ -52,20 +56,13 @@ def convert(
     from drift_engine.data.convert import convert_reference_jsonl
     from drift_engine.data.rollouts import check_output_file, save_rollouts
     from drift_engine.rollout import load_tokenizer
-    from drift_engine.weighting import WeightingConfig
 
     if max_shard_mb is not None and max_shard_mb <= 0:
         raise ConfigError(f"--max-shard-mb must be positive, got {max_shard_mb}")
     if not out_path.endswith(".safetensors"):
         raise ConfigError(f"--out must end in .safetensors, got {out_path!r}.")
     check_output_file(out_path, overwrite=overwrite)
-    weighting = None
-    if gamma is not None or beta is not None:
-        defaults = WeightingConfig()
-        weighting = WeightingConfig(
-            gamma=defaults.gamma if gamma is None else gamma,
-            beta=defaults.beta if beta is None else beta,
-        )
+    weighting = from_gamma_beta(gamma, beta)
     tokenizer = load_tokenizer(tokenizer_name)
     rollouts, report = convert_reference_jsonl(
         input_path, tokenizer, weighting=weighting, reference_model=reference_model

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from drift_engine.cli.options import weighting_options
 from drift_engine.demo import (
     DemoConfig,
     ToyModelConfig,
@@ -63,20 +64,7 @@ _DEFAULTS = DemoConfig()
     show_default=True,
     help="Assistant turns trained: the last of each trajectory (DRIFT default) or all.",
 )
-@click.option(
-    "--gamma",
-    type=float,
-    default=_DEFAULTS.gamma,
-    show_default=True,
-    help="Per-turn discount of the return.",
-)
-@click.option(
-    "--beta",
-    type=float,
-    default=_DEFAULTS.beta,
-    show_default=True,
-    help="Temperature of the weights exp(R / beta).",
-)
+@weighting_options()
 @click.option(
     "--seed",
     type=int,

@@ -15,8 +15,10 @@ from typing import Any, get_args
 
 import click
 
+from drift_engine.cli.options import weighting_options
 from drift_engine.errors import ConfigError
 from drift_engine.train.config import DTypeName
+from drift_engine.weighting_config import from_gamma_beta
 
 
 def parse_env_options(items: tuple[str, ...], what: str = "environment option") -> dict[str, Any]:
@@ -183,12 +185,10 @@ env_and_problem_options = problem_options(env_required=True)
     help="Store sampled-token log-probs.",
 )
 @click.option("--preview", type=click.Path(), help="Also write a human-readable JSONL preview.")
-@click.option(
-    "--gamma",
-    type=float,
-    help="With --beta: store returns and weights computed with this discount.",
+@weighting_options(
+    effect="stores returns and weights computed from the rewards",
+    unset="no weights are stored (train computes them)",
 )
-@click.option("--beta", type=float, help="With --gamma: weight temperature of the stored weights.")
 @click.option(
     "--shard-rank",
     type=int,
@@ -301,8 +301,6 @@ def rollout(
     ]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (needed unless --merge is given).")
-    if (gamma is None) != (beta is None):
-        raise ConfigError("give --gamma and --beta together (or neither, to weight later).")
     if prompts_per_part < 1:
         raise ConfigError(f"--save-every must be at least 1 prompt, got {prompts_per_part}.")
 
@@ -391,11 +389,12 @@ def rollout(
             overwrite=overwrite,
             log=lambda line: click.echo(line, err=True),
         )
-    if gamma is not None:
-        from drift_engine.weighting import WeightingConfig, attach_weights
+    weighting = from_gamma_beta(gamma, beta)
+    if weighting is not None:
+        from drift_engine.weighting import attach_weights
 
         # Group-normalised weights: every prompt group lies in one shard.
-        rollouts = attach_weights(rollouts, WeightingConfig(gamma=gamma, beta=beta))
+        rollouts = attach_weights(rollouts, weighting)
     written = save_rollouts(path, rollouts, max_shard_bytes=None if world > 1 else max_shard_bytes)
 
     if not launch.merge:

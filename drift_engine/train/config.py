@@ -15,13 +15,17 @@ section::
     [optim]
     lr = 5e-6
 
-Unknown keys and values of the wrong type raise ``ConfigError`` naming the key.
+Each field is written once, with its default, help, flag and check
+(``drift_engine.fields.option``): ``drift-engine train``'s flags and docs/training.md's table
+(``config_reference``) are generated from them, and ``validate`` runs the checks. Unknown
+keys and values of the wrong type raise ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,8 +33,18 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from drift_engine.errors import ConfigError
-
-import tomllib
+from drift_engine.fields import (
+    FLAG,
+    HELP,
+    above,
+    at_least,
+    check_fields,
+    field_default,
+    option,
+    unset_variant,
+    within,
+)
+from drift_engine.weighting_config import WeightingConfig, gamma_beta_rule
 
 TrainTurns = Literal["last", "all"]
 LossMode = Literal["trajectory", "weighted", "token"]
@@ -39,90 +53,166 @@ ScheduleName = Literal["constant_with_warmup", "cosine"]
 Strategy = Literal["auto", "none", "ddp", "fsdp"]
 
 
+def _device_name(name: str) -> str | None:
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    return None
+
+
 @dataclass
 class DataConfig:
     """What is trained on and how it is batched."""
 
-    # rollouts.safetensors file, one of its shards, or a directory of shards
-    path: str = ""
-    # "last": only the last assistant turn of each trajectory is trained (DRIFT default);
-    # "all": every assistant turn
-    train_turns: TrainTurns = "last"
-    # Step loss: "trajectory" = mean over the step's trajectories of w_i * token-mean CE_i
-    # (DRIFT default); "weighted" = sum w_i * CE_i / sum w_i; "token" = weighted token mean.
-    loss_mode: LossMode = "trajectory"
-    # token budget of one packed micro-batch (also the longest trajectory that is kept
-    # whole; longer ones are truncated from the left)
-    batch_tokens: int = 16384
-    # micro-batches per optimizer step on each rank
-    grad_accum: int = 1
-    epochs: int = 1
-    # stop after this many optimizer steps (None: run all epochs)
-    max_steps: int | None = None
-    # shuffle the packed micro-batches each epoch (deterministic given the seed)
-    shuffle: bool = True
-    # compare the tokenizer recorded in the rollouts with the model's (false: skip the
-    # check, e.g. for a model folder without tokenizer files; recorded in run.json)
-    check_tokenizer: bool = True
+    path: str = option(
+        "", help="rollouts.safetensors file, one of its shards, or a directory of shards.",
+        flag="--data", metavar="PATH",
+    )  # fmt: skip
+    train_turns: TrainTurns = option(
+        "last",
+        help="Assistant turns trained: the last of each trajectory (DRIFT default) or all.",
+        flag="--train-turns",
+    )
+    loss_mode: LossMode = option(
+        "trajectory",
+        help="Step loss: trajectory = mean over trajectories of w·(token-mean CE) (DRIFT "
+        "default), weighted = Σw·ℓ/Σw, token = weighted token mean.",
+        flag="--loss-mode",
+    )
+    batch_tokens: int = option(
+        16384,
+        help="Token budget of one packed micro-batch; longer trajectories are truncated "
+        "from the left.",
+        flag="--batch-tokens",
+        check=at_least(1),
+    )
+    grad_accum: int = option(
+        1, help="Micro-batches per optimizer step and rank.", flag="--grad-accum",
+        check=at_least(1),
+    )  # fmt: skip
+    epochs: int = option(1, help="Passes over the rollouts.", flag="--epochs", check=at_least(1))
+    max_steps: int | None = option(
+        None,
+        help="Stop after this many optimizer steps in all (unset: run all epochs). On "
+        "--resume, a larger value extends the run.",
+        flag="--max-steps", check=at_least(1),
+    )  # fmt: skip
+    shuffle: bool = option(
+        True, help="Shuffle the packed micro-batches each epoch (deterministic given the seed)."
+    )
+    check_tokenizer: bool = option(
+        True,
+        help="Compare the tokenizer recorded in the rollouts with the model's (off: skipped, "
+        "e.g. for a model folder without tokenizer files; recorded in run.json).",
+        flag="--check-tokenizer/--no-check-tokenizer",
+    )
+
+
+_TRAIN_GAMMA_BETA = gamma_beta_rule(
+    "recomputes the weights from the stored rewards",
+    "train with the file's stored weights (computed with the defaults if it has none)",
+)
 
 
 @dataclass
 class WeightingSection:
-    """DRIFT importance weights. All None: use the file's stored weights when present,
-    else compute them with the library defaults. Any value given recomputes the weights
-    from the stored rewards."""
+    """DRIFT importance weights: the fields of ``WeightingConfig`` (drift_engine.weighting,
+    which owns their meaning and range), each unset by default."""
 
-    gamma: float | None = None
-    beta: float | None = None
-    clip_max: float | None = None
+    gamma: float | None = unset_variant(WeightingConfig, "gamma", help=_TRAIN_GAMMA_BETA)
+    beta: float | None = unset_variant(WeightingConfig, "beta", help=_TRAIN_GAMMA_BETA)
+    clip_max: float | None = unset_variant(
+        WeightingConfig, "clip_max", help="Set: the weights are recomputed, as with --gamma."
+    )
 
     @property
     def overrides(self) -> bool:
         return any(v is not None for v in dataclasses.astuple(self))
+
+    def resolve(self) -> WeightingConfig:
+        """The WeightingConfig of this section: the values set, defaults for the others."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return WeightingConfig(**given)
 
 
 @dataclass
 class EvalSection:
     """multi@k of the model being trained on held-out problems (off while problems is "")."""
 
-    # JSONL problem file (or hf:NAME) and the environment that checks the answers
-    # (a built-in name or package.module:Class, with its default options)
-    problems: str = ""
-    env: str = ""
-    # evaluate every this many optimizer steps, and after the last step
-    every_steps: int = 100
-    max_turns: int = 5
-    max_new_tokens: int = 512
-    # evaluate the first this many problems (None: all)
-    limit: int | None = None
+    problems: str = option(
+        "", help="Held-out problems (JSONL or hf:NAME) evaluated during training (unset: off)."
+    )
+    env: str = option(
+        "",
+        help="Environment that checks the answers: a built-in name or package.module:Class, "
+        "with its default options.",
+    )
+    every_steps: int = option(
+        100, help="Evaluate every this many optimizer steps, and after the last step.",
+        check=at_least(1),
+    )  # fmt: skip
+    max_turns: int = option(5, help="Turns per evaluated problem.", check=at_least(1))
+    max_new_tokens: int = option(512, help="Tokens per answer.", check=at_least(1))
+    limit: int | None = option(
+        None, help="Evaluate the first this many problems (unset: all).", check=at_least(1)
+    )
 
 
 @dataclass
 class LoraSection:
     """LoRA through peft; r = 0 trains all parameters."""
 
-    r: int = 0
-    alpha: float | None = None  # None: 2 * r
-    dropout: float = 0.0
-    # "all-linear" or a list of module names (e.g. ["q_proj", "v_proj"])
-    target_modules: str | list[str] = "all-linear"
+    r: int = option(
+        0, help="Train LoRA adapters of this rank (needs peft; 0: all parameters).",
+        flag="--lora-r", check=at_least(0, " (0 disables LoRA)"),
+    )  # fmt: skip
+    alpha: float | None = option(None, help="LoRA alpha (unset: 2 · r).")
+    dropout: float = option(0.0, help="LoRA dropout.", check=within(0, 1, high_open=True))
+    target_modules: str | list[str] = option(
+        "all-linear", help='"all-linear" or a list of module names (e.g. ["q_proj", "v_proj"]).'
+    )
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = ""
-    # Compute dtype. "auto": bfloat16 on CUDA, float32 on CPU. With a 16-bit dtype the
-    # parameters and optimizer state stay in float32 (small learning rates such as
-    # DRIFT's 5e-6 vanish in bfloat16 weights) and the forward pass runs in 16 bits.
-    dtype: DTypeName = "auto"
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "drift_varlen"
-    # fused loss backend: "auto", "triton" or "torch"
-    loss_impl: Literal["auto", "triton", "torch"] = "auto"
-    # torch.compile each decoder layer (the embeddings, final norm and loss stay eager)
-    compile: bool = False
-    # torch.compile backend; "aot_eager" skips code generation (to tell inductor issues apart)
-    compile_backend: str = "inductor"
+    name_or_path: str = option(
+        "",
+        help="Model to train: a local folder, a Hugging Face id, a GGUF file or a training "
+        "checkpoint folder.",
+        flag="--model",
+    )
+    dtype: DTypeName = option(
+        "auto",
+        help="Compute dtype (auto: bfloat16 on CUDA, float32 on CPU). With a 16-bit dtype the "
+        "parameters and optimizer state stay float32 and the forward pass runs in 16 bits.",
+        flag="--dtype",
+    )
+    gradient_checkpointing: bool = option(
+        False, help="Recompute activations in backward to save memory.",
+        flag="--gradient-checkpointing/--no-gradient-checkpointing",
+    )  # fmt: skip
+    attn_implementation: str = option(
+        "drift_varlen", help="Attention implementation (drift_varlen: packed variable-length)."
+    )
+    loss_impl: Literal["auto", "triton", "torch"] = option(
+        "auto", help="Fused loss backend (auto: triton on CUDA, torch on CPU)."
+    )
+    compile: bool = option(
+        False,
+        help="torch.compile each decoder layer (the embeddings, final norm and loss stay "
+        "eager): faster steps after a one-time compile.",
+        flag="--compile/--no-compile",
+    )
+    compile_backend: str = option(
+        "inductor",
+        help="torch.compile backend; aot_eager skips code generation (to tell inductor "
+        "issues apart).",
+    )
     lora: LoraSection = field(default_factory=LoraSection)
 
 
@@ -130,56 +220,113 @@ class ModelConfig:
 class OptimConfig:
     """AdamW. Weight decay applies to matrices only (not biases, norms, or 1-D tensors)."""
 
-    lr: float = 5e-6
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    # clip the global gradient norm to this value (None or 0: no clipping)
-    grad_clip: float | None = 1.0
-    # a step with a non-finite loss or gradient norm is skipped (no update); this many in
-    # a row stop the run with an error (1: stop at the first)
-    max_nonfinite_steps: int = 3
+    lr: float = option(5e-6, help="Peak learning rate.", flag="--lr", check=above(0))
+    weight_decay: float = option(
+        0.1, help="AdamW weight decay on matrices (not biases or norms).", flag="--weight-decay",
+        check=at_least(0),
+    )  # fmt: skip
+    betas: tuple[float, float] = option(
+        (0.9, 0.999), help="AdamW betas.",
+        check=lambda v: None if all(0 <= b < 1 for b in v) else "must be two numbers in [0, 1)",
+    )  # fmt: skip
+    eps: float = option(1e-8, help="AdamW epsilon.", check=above(0))
+    grad_clip: float | None = option(
+        1.0, help="Clip the global gradient norm to this (unset or 0: no clipping).",
+        flag="--grad-clip", check=at_least(0, " (0 disables clipping)"),
+    )  # fmt: skip
+    max_nonfinite_steps: int = option(
+        3,
+        help="A step with a non-finite loss or gradient norm is skipped (no update); this "
+        "many in a row stop the run with an error (1: stop at the first).",
+        flag="--max-nonfinite-steps", check=at_least(1),
+    )  # fmt: skip
 
 
 @dataclass
 class ScheduleConfig:
-    name: ScheduleName = "constant_with_warmup"
-    # linear warmup over this fraction of the optimizer steps (DRIFT default: 10%)
-    warmup_ratio: float = 0.1
-    # warmup length in steps; overrides warmup_ratio when set
-    warmup_steps: int | None = None
-    # cosine only: the final learning rate as a fraction of the peak
-    min_lr_ratio: float = 0.0
+    name: ScheduleName = option(
+        "constant_with_warmup", help="Learning-rate schedule.", flag="--schedule"
+    )
+    warmup_ratio: float = option(
+        0.1,
+        help="Linear warmup over this fraction of the optimizer steps, ceil(ratio · steps) "
+        "steps (DRIFT: 10%).",
+        flag="--warmup-ratio", check=within(0, 1),
+    )  # fmt: skip
+    warmup_steps: int | None = option(
+        None, help="Warmup length in steps; overrides warmup_ratio when set.", check=at_least(0)
+    )
+    min_lr_ratio: float = option(
+        0.0, help="Cosine only: the final learning rate as a fraction of the peak.",
+        check=within(0, 1),
+    )  # fmt: skip
 
 
 @dataclass
 class CheckpointConfig:
-    # save every this many optimizer steps (0: only at the end of training)
-    every_steps: int = 0
-    # checkpoints kept in the output folder (older ones are deleted)
-    keep_last: int = 2
-    # "latest" (newest checkpoint in the output folder) or a checkpoint folder
-    resume: str | None = None
-    # resume even though the data, model, weighting, optimizer or schedule settings differ
-    # from the checkpoint's (the differences are recorded in run.json)
-    allow_config_change: bool = False
-    # LoRA runs: export the merged model (base + adapters) instead of the adapter
-    merge_lora: bool = False
+    every_steps: int = option(
+        0, help="Checkpoint every this many optimizer steps (0: only at the end).",
+        flag="--save-every", check=at_least(0),
+    )  # fmt: skip
+    keep_last: int = option(
+        2, help="Checkpoints kept in the output folder (older ones are deleted).",
+        flag="--keep-last", check=at_least(1),
+    )  # fmt: skip
+    resume: str | None = option(
+        None,
+        help="Resume from the newest checkpoint in --out (the flag alone: latest), or from "
+        "the checkpoint folder given.",
+        flag="--resume",
+        flag_value="latest",
+        metavar="[DIR]",
+    )
+    allow_config_change: bool = option(
+        False,
+        help="Resume although data, model, weighting, optimizer or schedule settings differ "
+        "from the checkpoint's (recorded in run.json).",
+        flag="--allow-config-change",
+    )
+    merge_lora: bool = option(
+        False,
+        help="LoRA runs: export the merged model (base + adapters) in checkpoint-N/model "
+        "instead of the adapter.",
+        flag="--merge-lora",
+    )
 
 
 @dataclass
 class TrainConfig:
-    out: str = ""
-    seed: int = 0
-    # "auto": CUDA when available (this rank's GPU under torchrun), else CPU
-    device: str = "auto"
-    # "auto": DDP/FSDP decided by the distributed layer when launched with torchrun
-    strategy: Strategy = "auto"
-    # show the progress bar (on the main rank); without it, a plain log line every 30 s
-    progress: bool = True
-    # experiment trackers that also get the metrics: "tensorboard" (out/tensorboard),
-    # "wandb", "mlflow"; metrics.jsonl is always written
-    report_to: list[str] = field(default_factory=list)
+    out: str = option(
+        "", help="Output folder (checkpoints, metrics.jsonl, run.json).", flag="--out",
+        metavar="DIR",
+    )  # fmt: skip
+    seed: int = option(
+        0, help="Seed of the data order (epoch e packs with seed + e) and initialisation.",
+        flag="--seed", check=at_least(0),
+    )  # fmt: skip
+    device: str = option(
+        "auto",
+        help="Device, e.g. cpu, cuda:1 (auto: CUDA when available, this rank's GPU under "
+        "torchrun, else CPU).",
+        flag="--device",
+        check=_device_name,
+    )
+    strategy: Strategy = option(
+        "auto",
+        help="Multi-process strategy under torchrun (auto: decided by the distributed layer).",
+        flag="--strategy",
+    )
+    progress: bool = option(
+        True,
+        help="Progress bar on the main rank; without it, a plain log line every 30 s.",
+        flag="--progress/--no-progress",
+    )
+    report_to: list[str] = option(
+        default_factory=list,
+        help="Also send the metrics to these trackers (tensorboard: out/tensorboard, wandb, "
+        "mlflow; comma-separated on the command line); metrics.jsonl is always written.",
+        flag="--report-to",
+    )
     eval: EvalSection = field(default_factory=EvalSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,7 +339,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        """Check the whole configuration; raise ConfigError on the first problem."""
+        """Check the whole configuration; raise ConfigError on the first problem: the
+        required keys, every field's own check, then what involves several fields."""
         _require(self.out, "out", 'the output folder is required (--out DIR or out = "...")')
         _require(self.data.path, "data.path", "the rollouts file is required (--data FILE)")
         _require(
@@ -200,78 +348,40 @@ class TrainConfig:
             "model.name_or_path",
             "the model is required (--model PATH_OR_ID)",
         )
-        _positive(self.data.batch_tokens, "data.batch_tokens")
-        _positive(self.data.grad_accum, "data.grad_accum")
-        _positive(self.data.epochs, "data.epochs")
-        if self.data.max_steps is not None:
-            _positive(self.data.max_steps, "data.max_steps")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        if self.device != "auto":
-            import torch
-
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ConfigError(
-                    f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-                ) from None
         for key, value in _float_values(self):
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, got {value}")
-        w = self.weighting
-        if w.beta is not None and w.beta <= 0:
-            raise ConfigError(f"weighting.beta must be > 0, got {w.beta}")
-        if w.gamma is not None and not 0 < w.gamma <= 1:
-            raise ConfigError(f"weighting.gamma must be in (0, 1], got {w.gamma}")
-        if w.clip_max is not None and w.clip_max <= 0:
-            raise ConfigError(f"weighting.clip_max must be > 0, got {w.clip_max}")
-        o = self.optim
-        if not o.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-        if o.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
-        if o.eps <= 0:
-            raise ConfigError(f"optim.eps must be > 0, got {o.eps}")
-        if o.grad_clip is not None and o.grad_clip < 0:
-            raise ConfigError(
-                f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}"
-            )
-        _positive(o.max_nonfinite_steps, "optim.max_nonfinite_steps")
-        s = self.schedule
-        if not 0 <= s.warmup_ratio <= 1:
-            raise ConfigError(f"schedule.warmup_ratio must be in [0, 1], got {s.warmup_ratio}")
-        if s.warmup_steps is not None and s.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
-        if not 0 <= s.min_lr_ratio <= 1:
-            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-        lora = self.model.lora
-        if lora.r < 0:
-            raise ConfigError(f"model.lora.r must be >= 0 (0 disables LoRA), got {lora.r}")
-        if not 0 <= lora.dropout < 1:
-            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        check_fields(self)
         if self.model.compile:
             from drift_engine.models.compile import check_compile_backend
 
             check_compile_backend(self.model.compile_backend)
-        c = self.checkpoint
-        if c.every_steps < 0:
-            raise ConfigError(f"checkpoint.every_steps must be >= 0, got {c.every_steps}")
-        _positive(c.keep_last, "checkpoint.keep_last")
         from drift_engine.train.metrics import check_report_to
 
         check_report_to(self.report_to)
-        e = self.eval
-        if e.problems:
-            _require(e.env, "eval.env", "evaluating during training needs the environment")
-            _positive(e.every_steps, "eval.every_steps")
-            _positive(e.max_turns, "eval.max_turns")
-            _positive(e.max_new_tokens, "eval.max_new_tokens")
-            if e.limit is not None:
-                _positive(e.limit, "eval.limit")
+        if self.eval.problems:
+            _require(self.eval.env, "eval.env", "evaluating during training needs the environment")
         return self
+
+
+def leaf_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every setting of ``cls`` and its sections, in order."""
+    found: list[tuple[str, dataclasses.Field]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            found.append((f"{prefix}{f.name}", f))
+    return found
+
+
+def field_type(cls: type, dotted: str) -> Any:
+    """The type of the setting ``dotted`` (e.g. "optim.lr") of ``cls``."""
+    *parents, name = dotted.split(".")
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[name]
 
 
 def _float_values(config: Any, prefix: str = "") -> list[tuple[str, float | None]]:
@@ -292,11 +402,6 @@ def _float_values(config: Any, prefix: str = "") -> list[tuple[str, float | None
 def _require(value: str, key: str, message: str) -> None:
     if not value:
         raise ConfigError(f"{key} is not set: {message}")
-
-
-def _positive(value: int, key: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -415,3 +520,31 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug, not user input
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def config_reference() -> str:
+    """The Markdown table of every TrainConfig key (its flag, default and help): the
+    configuration table of docs/training.md, generated from the same fields as --help."""
+    rows = ["| key | flag | default | meaning |", "|---|---|---|---|"]
+    for key, f in leaf_fields():
+        default = field_default(f)
+        flag = f.metadata.get(FLAG)
+        cells = [f"`{key}`", f"`{flag}`" if flag else "", _shown(default), f.metadata[HELP]]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(value: Any) -> str:
+    """A default as the TOML file spells it ("" shows as blank: a required key)."""
+    if value is None:
+        return "unset"
+    if value == "":
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)

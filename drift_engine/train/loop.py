@@ -76,7 +76,7 @@ from drift_engine.train.metrics import (
     weight_stats,
 )
 from drift_engine.train.schedule import build_scheduler
-from drift_engine.weighting import WeightingConfig, weights_for
+from drift_engine.weighting import weights_for
 
 RUN_FILE = "run.json"
 
@@ -86,6 +86,8 @@ class TrainResult:
     steps: int  # optimizer steps done in total (including before a resume)
     checkpoint: Path | None  # the last checkpoint written
     last_metrics: dict[str, Any] | None  # the last line written to metrics.jsonl
+    # why no step was trained: a resumed run whose checkpoint is already at its last step
+    nothing_trained: str | None = None
 
     @property
     def model(self) -> Path | None:
@@ -143,6 +145,7 @@ class Trainer:
         self.command = command
         self.out_dir = Path(config.out)
         self.resumed_from: Path | None = None
+        self.nothing_to_train: str | None = None  # set by _resume, see TrainResult
         self.resume_overrides: list[dict[str, Any]] = []
         self._notes: list[str] = []  # messages for the progress output, written by fit
         resume_path = self._check_output_folder()
@@ -188,7 +191,7 @@ class Trainer:
             train_turns=config.data.train_turns,
         )
         self.weights = weights_for(  # (S,) float32, on the host (packing reads it)
-            self.rollouts, _weighting_config(config), override=config.weighting.overrides
+            self.rollouts, config.weighting.resolve(), override=config.weighting.overrides
         )
         lora = config.model.lora
         if lora.r > 0:
@@ -342,7 +345,25 @@ class Trainer:
         state.model_signature = signature
         self.state = state
         self.resumed_from = path
-        self._discard_newer_checkpoints()
+        self.nothing_to_train = self._nothing_left(path)
+        if self.nothing_to_train is None:  # a run that trains nothing keeps its folder as is
+            self._discard_newer_checkpoints()
+
+    def _nothing_left(self, path: Path) -> str | None:
+        """Why the run resumed from ``path`` has no step left (None: it has some)."""
+        step, data = self.state.step, self.config.data
+        if step < self.total_steps:
+            return None
+        if data.max_steps is not None and self.total_steps == data.max_steps:
+            where = "already at" if step == data.max_steps else "past"
+            return (
+                f"the checkpoint {path} is at step {step}, {where} --max-steps "
+                f"{data.max_steps}; pass a larger --max-steps to train further"
+            )
+        return (
+            f"the checkpoint {path} is at step {step}, the end of the run's {data.epochs} "
+            f"epoch(s) ({self.total_steps} steps); pass a larger --epochs to train further"
+        )
 
     def _resume_changes(self, saved: TrainerState) -> list[dict[str, Any]]:
         """Settings that differ from the checkpoint's and change what is trained: the data
@@ -407,8 +428,11 @@ class Trainer:
             yield state.epoch, plan[start:stop], start == 0
 
     def fit(self) -> TrainResult:
-        """Train to the end (or ``max_steps``); checkpoint periodically and at the end."""
+        """Train to the end (or ``max_steps``); checkpoint periodically and at the end. A
+        resumed run already at its end trains nothing and says why (``nothing_trained``)."""
         config, ctx = self.config, self.ctx
+        if self.nothing_to_train is not None:  # the output folder is left untouched
+            return TrainResult(self.state.step, self.resumed_from, None, self.nothing_to_train)
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_info()
@@ -601,7 +625,7 @@ class Trainer:
     def _model_card(self) -> str:
         """model/README.md of a checkpoint: what was trained, on what, and how."""
         config, state = self.config, self.state
-        w = _weighting_config(config)
+        w = config.weighting.resolve()
         lora = config.model.lora
         export = "full model"
         if lora.r > 0:
@@ -686,11 +710,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _weighting_config(config: TrainConfig) -> WeightingConfig:
-    given = {k: v for k, v in dataclasses.asdict(config.weighting).items() if v is not None}
-    return WeightingConfig(**given)
 
 
 # Files of which a model folder with a tokenizer holds at least one.
