@@ -194,6 +194,19 @@ def test_toml_errors_name_the_key(tmp_path, toml, message):
     assert str(path) in str(err.value)
 
 
+def test_non_utf8_toml_is_one_error_line(tmp_path):
+    from click.testing import CliRunner
+
+    from drift_engine.cli import cli
+
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('out = "runs/d\xe9j\xe0"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(path)
+    result = CliRunner().invoke(cli, ["train", "--config", str(path)])
+    assert result.exit_code == 2 and result.output.startswith("error: config file"), result.output
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
