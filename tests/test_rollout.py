@@ -288,6 +288,11 @@ def test_sharded_rollout_equals_single_process(tokenizer, model):
     for name, tensor in single.tensors().items():
         torch.testing.assert_close(getattr(merged, name), tensor, equal_nan=True, atol=1e-5, rtol=0)
     assert list(shard_range(10, 2, 3)) == [7, 8, 9] and list(shard_range(10, 0, 3)) == [0, 1, 2, 3]
+    # More shards than prompts: the last shards hold none, with the engine's context limit
+    # (the HF engine always has one) as without.
+    assert engine.max_model_len is not None
+    empty = run_rollouts(engine, tokenizer, env, PROBLEMS, shard_rank=4, shard_world=5, **kwargs)
+    assert empty.num_trajectories == 0
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error():

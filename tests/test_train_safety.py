@@ -290,6 +290,31 @@ def test_resume_from_older_checkpoint_replaces_newer_ones(workspace, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
 
+def test_resume_from_another_folders_checkpoint_leaves_this_run_alone(workspace, tmp_path):
+    overrides = {"data.max_steps": 2, "checkpoint.every_steps": 1, "checkpoint.keep_last": 4}
+    run(base_config(workspace, tmp_path / "a", **overrides))
+    out = tmp_path / "b"
+    run(base_config(workspace, out, **overrides))
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other = apply_overrides(
+        base_config(workspace, out, **overrides),
+        {"checkpoint.resume": str(tmp_path / "a" / "checkpoint-000001")},
+    )
+    with pytest.raises(ConfigError, match="checkpoint of another folder"):
+        Trainer(other)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # Into an empty --out it is a fork of that run, and allowed.
+    fork = apply_overrides(
+        base_config(workspace, tmp_path / "fork", **overrides),
+        {"checkpoint.resume": str(tmp_path / "a" / "checkpoint-000001")},
+    )
+    Trainer(fork).fit()
+    assert sorted(p.name for p in (tmp_path / "fork").glob("checkpoint-*")) == ["checkpoint-000002"]
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == [
+        "checkpoint-000001", "checkpoint-000002",
+    ]  # fmt: skip
+
+
 def test_resume_with_other_data_or_model_is_refused(workspace, tmp_path):
     out = tmp_path / "out"
     run(base_config(workspace, out, **{"data.max_steps": 1}))

@@ -229,13 +229,6 @@ def collect_trajectories(
         )
     params = replace(sampling, stop_token_ids=stops)
     stop_set = set(stops)
-    limit = engine.max_model_len
-    reserve = 0  # tokens the closing of an answer cut by the token limit adds
-    if limit is not None:
-        first = problems[shard_range(len(problems), shard_rank, shard_world).start]
-        closing, _ = formatter.assistant_closing(env.initial_messages(first), "", None)
-        reserve = len(formatter.encode(closing)) if closing else 0
-
     block = shard_range(len(problems), shard_rank, shard_world)
     if prompt_range is not None:
         if len(prompt_range) and (prompt_range[0] < block.start or prompt_range[-1] >= block.stop):
@@ -244,6 +237,12 @@ def collect_trajectories(
                 f"prompts {block}."
             )
         block = prompt_range
+    limit = engine.max_model_len
+    reserve = 0  # tokens the closing of an answer cut by the token limit adds
+    if limit is not None and len(block):  # a shard may hold no prompts
+        first = problems[block[0]]
+        closing, _ = formatter.assistant_closing(env.initial_messages(first), "", None)
+        reserve = len(formatter.encode(closing)) if closing else 0
     trajectories: list[Trajectory] = []
     for prompt_index in block:
         messages = env.initial_messages(problems[prompt_index])

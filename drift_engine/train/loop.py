@@ -254,7 +254,16 @@ class Trainer:
                 "starting it again from step 0"
             )
             return None
-        return resolve_resume(resume, self.out_dir)
+        path = resolve_resume(resume, self.out_dir)
+        if path.resolve().parent != self.out_dir.resolve() and (has_checkpoint or started):
+            # Resuming replaces the run in --out from the checkpoint's step on: a checkpoint
+            # of another folder would mix two runs and drop this one's newer checkpoints.
+            raise ConfigError(
+                f"--resume {path} is a checkpoint of another folder, and --out {self.out_dir} "
+                "already holds a run; resume into an empty --out (or the checkpoint's own "
+                "folder), or choose another --out"
+            )
+        return path
 
     def _tokenizer_check(self) -> str:
         """How the data's tokenizer identity is checked against the model's (for run.json);
