@@ -109,7 +109,8 @@ def _problem_options(f, env_required: bool):
         "--max-model-len",
         type=int,
         help="Context limit in tokens (prompt and answers) of either engine [default: the "
-        "model's]. Trajectories that reach it end cleanly, counted in the summary.",
+        "model's]. Trajectories that reach it end cleanly (rollout counts them in its "
+        "summary; eval scores them as unsolved).",
     )(f)
     f = click.option(
         "--gpu-memory-utilization",

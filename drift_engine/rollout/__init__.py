@@ -84,10 +84,8 @@ def create_engine(
     Close the engine (``engine.close()`` or ``with``) to free it."""
     import torch
 
-    from drift_engine.models.sources import resolve_model_source
     from drift_engine.rollout.vllm import VLLMEngine, vllm_available
 
-    model = resolve_model_source(model)  # a checkpoint folder or a GGUF file too
     if kind == "auto":
         kind = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     if kind == "vllm":

@@ -106,10 +106,15 @@ class HFEngine(Engine):
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
     ) -> HFEngine:
-        """Load ``path`` (local folder or hub name). On CPU "auto" dtype means fp32."""
+        """Load ``path``: a Hub name, a local folder, a training checkpoint folder or a GGUF
+        file (:func:`~drift_engine.models.sources.resolve_model_source`). On CPU "auto"
+        dtype means fp32."""
         from transformers import AutoModelForCausalLM
 
         from drift_engine.models.loading import parse_dtype
+        from drift_engine.models.sources import resolve_model_source
+
+        path = resolve_model_source(path)
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto" and device.type == "cpu":
@@ -120,7 +125,7 @@ class HFEngine(Engine):
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code
             )
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a folder that is no model
             raise ConfigError(
                 f"cannot load the model {path!r}: {err}. Pass a local model folder (config.json "
                 "and weights) or a Hugging Face model name that is available offline."

@@ -209,6 +209,9 @@ class VLLMEngine(Engine):
             raise ConfigError(
                 f"tensor parallel size must be at least 1, got {tensor_parallel_size}."
             )
+        from drift_engine.models.sources import resolve_model_source
+
+        model = resolve_model_source(model)  # a checkpoint folder or a GGUF file too
         self._vllm = vllm
         self.model_name = model
         self.tensor_parallel_size = tensor_parallel_size
