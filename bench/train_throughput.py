@@ -331,6 +331,15 @@ def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, 
 # ----------------------------------------------------------------------------- HF packed
 
 
+def hf_packed_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Σ token_weights·CE / trajectories of one PackedBatch with plain transformers: restarting
+    position ids and no attention mask make transformers mask each packed sequence from the
+    others (only without a KV cache: ``model.config.use_cache`` must be False)."""
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # (1, T, V)
+    ce = F.cross_entropy(logits[0].float(), batch.labels, reduction="none")  # (T,)
+    return (batch.token_weights * ce).sum() / batch.num_trajectories
+
+
 def hf_packed_pass(model_dir: Path, batches: list, preset: dict, device, seed: int) -> dict:
     """Plain transformers on the trainer's packed micro-batches (``batches``: PackedBatch):
     one row with restarting position ids and no attention mask (transformers' packed-sequence
@@ -350,10 +359,7 @@ def hf_packed_pass(model_dir: Path, batches: list, preset: dict, device, seed: i
     batches = [batch.to(device) for batch in batches]
 
     def step(batch) -> int:
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
-        ce = F.cross_entropy(logits[0].float(), batch.labels, reduction="none")  # (T,)
-        loss = (batch.token_weights * ce).sum() / batch.num_trajectories
-        loss.backward()
+        hf_packed_loss(model, batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -81,6 +81,30 @@ def test_train_throughput_cpu_preset(tmp_path):
     assert alone["drift_engine"]["real_tokens"] == alone["setup"]["tokens"]
 
 
+def test_hf_packed_side_computes_the_trainers_loss(tmp_path):
+    """The plain-transformers packed side trains the trainer's objective: on a micro-batch of
+    several sequences its loss equals the trainer's fused one (so transformers' packed-sequence
+    mask keeps the sequences apart)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from drift_engine.models.loss import weighted_sft_loss
+
+    train_throughput = _load("train_throughput")
+    preset = dict(train_throughput.PRESETS["cpu"], compile=False)
+    model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
+    cpu = torch.device("cpu")
+    trainer = train_throughput.make_trainer(model_dir, data, tmp_path / "out", preset, cpu, 0)
+    batch = trainer.pack_micro_batch(trainer.epoch_plan(0).micro_batches[0])
+    assert batch.num_trajectories > 1
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model.config.use_cache = False
+    with torch.no_grad():
+        expected = weighted_sft_loss(trainer.model, batch)
+        actual = train_throughput.hf_packed_loss(model, batch)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_profile_train_cpu_preset(tmp_path):
     profile_train = _load("profile_train")
     report = profile_train.main(
