@@ -22,7 +22,7 @@ from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
 # reads and writes the (V, H) fp32 gradient accumulator once, a GEMM whose inner dimension
 # is the chunk's rows: at the SmolLM2-135M head (H=576, V=49152) on 2 CPU threads, 85-row
 # chunks (the former 4 Mi-element CPU budget) took the three GEMMs to 1.5x the unchunked
-# GEMMs, 1024-row chunks to within a few percent (bench/results/loss_cpu_*.md).
+# GEMMs, 1024-row chunks to within a few percent (bench/results/cpu-2026-12-02).
 CPU_CHUNK_ELEMENTS = 1 << 26
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
