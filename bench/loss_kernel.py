@@ -1,9 +1,9 @@
 """Microbenchmark of the fused linear losses against PyTorch, Liger-Kernel, Cut Cross-Entropy
 and the GEMM floor.
 
-    python bench/loss_kernel.py --preset llama3-8b|qwen2.5-3b|cpu-small \
+    python bench/loss_kernel.py --preset llama3-8b|qwen2.5-3b|cpu-small|cpu-smollm2-135m|cpu-demo \
         [--impl drift-triton,drift-torch,torch,liger,cce,cce-exact,floor] \
-        [--op ce|logprobs|all] [--chunk-size C] [--json out.json]
+        [--op ce|logprobs|all] [--chunk-size C] [--reps R] [--threads T] [--json out.json]
 
 Workloads (one preset = N tokens, hidden size H, vocabulary V, dtype):
   ce        importance-weighted scalar loss Σ w·ce / Σ w, random token weights w
@@ -13,10 +13,17 @@ Workloads (one preset = N tokens, hidden size H, vocabulary V, dtype):
 
 Per implementation: median and 20/80 % quantiles of forward and forward+backward
 (triton.testing.do_bench on CUDA, a perf_counter loop on CPU), peak memory above the inputs
-(CUDA only; includes the gradient buffers), relative error of the loss / log-probs and of the
-gradients (max over hidden and weight of ‖g - g_ref‖_F / ‖g_ref‖_F) against an fp32 dense
-reference, and TFLOP/s counted as 2·N·H·V (forward) and 6·N·H·V (forward+backward; the
+(includes the gradient buffers; CUDA: the allocator's peak, CPU: the process's peak resident
+set, Linux only), relative error of the loss / log-probs and of the gradients (max over
+hidden and weight of ‖g - g_ref‖_F / ‖g_ref‖_F) against a dense reference (fp32 on CUDA,
+float64 on CPU), and TFLOP/s counted as 2·N·H·V (forward) and 6·N·H·V (forward+backward; the
 logits recompute of log-probs backward is not counted as useful work).
+
+On CPU the rows are timed round-robin (one call of each row per round, ``--reps`` rounds),
+so that on a shared machine every row sees the same load, and the ratio to the floor is the
+median of the per-round ratios; the process's CPU time (all threads) is reported next to the
+wall time, being far less sensitive to other processes. CPU presets run on ``--threads``
+threads (default: the preset's).
 
 "floor" is cuBLAS alone: one GEMM (forward) and the three GEMMs logits, grad of hidden,
 grad of weight (forward+backward), in the input dtype.
@@ -53,12 +60,17 @@ class Preset:
     hidden_size: int
     vocab_size: int
     dtype: torch.dtype
+    threads: int | None = None  # CPU threads (None: torch's default)
 
 
 PRESETS = {
     "llama3-8b": Preset(8192, 4096, 128256, torch.bfloat16),
     "qwen2.5-3b": Preset(16384, 2048, 151936, torch.bfloat16),
     "cpu-small": Preset(48, 32, 257, torch.float32),
+    # SmolLM2-135M's LM head (hidden 576, vocabulary 49152) on a 2048-token batch.
+    "cpu-smollm2-135m": Preset(2048, 576, 49152, torch.float32, threads=2),
+    # The demo's toy model (hidden 64, 120-token vocabulary) on its 512-token micro-batches.
+    "cpu-demo": Preset(512, 64, 120, torch.float32, threads=2),
 }
 
 ALL_IMPLS = ["drift-triton", "drift-torch", "torch", "liger", "cce", "cce-exact", "floor"]
@@ -108,30 +120,34 @@ def make_inputs(preset: Preset, device: torch.device, seed: int = 0) -> Inputs:
 # ----------------------------------------------------------------------------- references
 
 
-def reference(inputs: Inputs, op: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 dense (value, grad_hidden, grad_weight) of the workload."""
-    hidden = inputs.hidden.detach().float().requires_grad_()
-    weight = inputs.weight.detach().float().requires_grad_()
-    value = _dense(hidden, weight, inputs, op, logits_dtype=torch.float32)
+def reference(
+    inputs: Inputs, op: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (value, grad_hidden, grad_weight) of the workload, computed in ``dtype``."""
+    hidden = inputs.hidden.detach().to(dtype).requires_grad_()
+    weight = inputs.weight.detach().to(dtype).requires_grad_()
+    value = _dense(hidden, weight, inputs, op, logits_dtype=dtype)
     grad_h, grad_w = torch.autograd.grad(_scalar(value, inputs, op), (hidden, weight))
     return value.detach(), grad_h, grad_w
 
 
 def _dense(hidden, weight, inputs: Inputs, op: str, logits_dtype) -> torch.Tensor:
     logits = (hidden @ weight.T).to(logits_dtype)  # (N, V)
+    softmax_dtype = torch.float64 if logits_dtype == torch.float64 else torch.float32
     if op == "ce":
         per_token = F.cross_entropy(
-            logits.float(), inputs.labels, ignore_index=IGNORE_INDEX, reduction="none"
+            logits.to(softmax_dtype), inputs.labels, ignore_index=IGNORE_INDEX, reduction="none"
         )
-        return (per_token * inputs.token_weights).sum() / inputs.token_weights.sum()
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+        token_weights = inputs.token_weights.to(softmax_dtype)
+        return (per_token * token_weights).sum() / token_weights.sum()
+    logprobs = torch.log_softmax(logits.to(softmax_dtype), dim=-1)
     picked = logprobs.gather(1, inputs.labels.clamp(min=0)[:, None])[:, 0]
     return torch.where(inputs.labels != IGNORE_INDEX, picked, 0.0)  # (N,)
 
 
 def _scalar(value: torch.Tensor, inputs: Inputs, op: str) -> torch.Tensor:
     """The scalar differentiated: the loss itself, or Σ upstream·logprobs."""
-    return value if op == "ce" else (value * inputs.upstream).sum()
+    return value if op == "ce" else (value * inputs.upstream.to(value.dtype)).sum()
 
 
 # ----------------------------------------------------------------------------- cases
@@ -259,6 +275,13 @@ def build_cases(impl: str, inputs: Inputs, op: str, chunk_size: int | None = Non
 # ----------------------------------------------------------------------------- measuring
 
 
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``samples``."""
+    samples = sorted(samples)
+    quantile = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]
+    return statistics.median(samples), quantile(0.2), quantile(0.8)
+
+
 def time_ms(fn: Callable[[], object], inputs: Inputs, device: torch.device, reps: int):
     """(median, p20, p80) milliseconds of ``fn``; gradients are cleared before each call."""
     grads_of = [inputs.hidden, inputs.weight]
@@ -269,24 +292,75 @@ def time_ms(fn: Callable[[], object], inputs: Inputs, device: torch.device, reps
             fn, warmup=100, rep=400, grad_to_none=grads_of, quantiles=[0.5, 0.2, 0.8]
         )
         return median, p20, p80
-    samples = []
-    fn()  # warm-up (kernel compilation)
-    for _ in range(reps):
-        for t in grads_of:
-            t.grad = None
-        start = time.perf_counter()
+    return time_round_robin([fn], inputs, reps)[0]["wall"]
+
+
+def time_round_robin(fns: list[Callable[[], object]], inputs: Inputs, reps: int) -> list[dict]:
+    """CPU timings of several functions measured in rounds, one call of each per round (after
+    one untimed warm-up call each), so that all of them see the same load of a shared
+    machine. Per function: ``wall`` and ``cpu`` (process time, all threads) as (median, p20,
+    p80) milliseconds, and the per-round ``samples`` (wall ms, cpu ms)."""
+    for fn in fns:
+        inputs.hidden.grad = inputs.weight.grad = None
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    quantile = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]
-    return statistics.median(samples), quantile(0.2), quantile(0.8)
+    samples: list[list[tuple[float, float]]] = [[] for _ in fns]
+    for _ in range(reps):
+        for index, fn in enumerate(fns):
+            inputs.hidden.grad = inputs.weight.grad = None
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            samples[index].append(
+                ((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3)
+            )
+    inputs.hidden.grad = inputs.weight.grad = None
+    return [
+        {
+            "wall": _quantiles([w for w, _ in rows]),
+            "cpu": _quantiles([c for _, c in rows]),
+            "samples": rows,
+        }
+        for rows in samples
+    ]
+
+
+def _resident_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_resident() -> bool:
+    """Reset this process's VmHWM to its current VmRSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_memory_gb(fn: Callable[[], object], inputs: Inputs, device: torch.device):
-    """Peak bytes allocated above what was live before the call (GB), CUDA only."""
-    if device.type != "cuda":
-        return None
+    """Peak bytes above what was live before the call (GB): the CUDA allocator's peak, or on
+    CPU the process's peak resident set (None where it cannot be read)."""
     inputs.hidden.grad = inputs.weight.grad = None
+    if device.type != "cuda":
+        import gc
+
+        gc.collect()
+        if not _reset_peak_resident():
+            return None
+        base = _resident_bytes("VmRSS")
+        result = fn()
+        peak = _resident_bytes("VmHWM")
+        del result
+        inputs.hidden.grad = inputs.weight.grad = None
+        return None if base is None or peak is None else max(0, peak - base) / 1e9
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -300,13 +374,19 @@ def peak_memory_gb(fn: Callable[[], object], inputs: Inputs, device: torch.devic
 
 
 def _rel_err(actual, truth) -> float:
-    return ((actual.float() - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+    return ((actual.to(truth.dtype) - truth).norm() / truth.norm().clamp_min(1e-30)).item()
 
 
-def measure(case: Case, inputs: Inputs, ref, device: torch.device, reps: int) -> dict:
+def measure(
+    case: Case, inputs: Inputs, ref, device: torch.device, reps: int, timed: dict | None = None
+) -> dict:
+    """A row of the table; ``timed``: the row's round-robin CPU timings, when measured so."""
     row = {"impl": case.name}
-    row["fwd_ms"] = time_ms(case.forward, inputs, device, reps)
-    row["fwd_bwd_ms"] = time_ms(case.forward_backward, inputs, device, reps)
+    if timed is None:
+        row["fwd_ms"] = time_ms(case.forward, inputs, device, reps)
+        row["fwd_bwd_ms"] = time_ms(case.forward_backward, inputs, device, reps)
+    else:
+        row.update(timed)
     row["peak_gb"] = peak_memory_gb(case.forward_backward, inputs, device)
     out = case.output()
     if out is not None:
@@ -315,6 +395,30 @@ def measure(case: Case, inputs: Inputs, ref, device: torch.device, reps: int) ->
         row["grad_rel_err"] = max(_rel_err(grad_h, ref[1]), _rel_err(grad_w, ref[2]))
     inputs.hidden.grad = inputs.weight.grad = None
     return row
+
+
+def cpu_timings(cases: list[Case], inputs: Inputs, reps: int) -> list[dict]:
+    """Round-robin CPU timings of the cases' forward, then of their forward+backward, with
+    each row's per-round ratios to the floor row (when there is one)."""
+    fwd = time_round_robin([c.forward for c in cases], inputs, reps)
+    fb = time_round_robin([c.forward_backward for c in cases], inputs, reps)
+    floor = next((i for i, c in enumerate(cases) if c.name.startswith("floor")), None)
+    rows = []
+    for index in range(len(cases)):
+        row = {
+            "fwd_ms": fwd[index]["wall"],
+            "fwd_bwd_ms": fb[index]["wall"],
+            "fwd_cpu_ms": fwd[index]["cpu"],
+            "fwd_bwd_cpu_ms": fb[index]["cpu"],
+        }
+        if floor is not None:
+            for key, timing in (("fwd", fwd), ("fwd_bwd", fb)):
+                pairs = zip(timing[index]["samples"], timing[floor]["samples"], strict=True)
+                row[f"{key}_vs_floor"] = _quantiles([w / fw for (w, _), (fw, _) in pairs])
+                pairs = zip(timing[index]["samples"], timing[floor]["samples"], strict=True)
+                row[f"{key}_cpu_vs_floor"] = _quantiles([c / fc for (_, c), (_, fc) in pairs])
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -326,42 +430,55 @@ def markdown(
     n, h, v = preset.num_tokens, preset.hidden_size, preset.vocab_size
     chunking = f", drift chunk_size={chunk_size}" if chunk_size else ""
     floor = next((r for r in rows if r["impl"].startswith("floor") and "error" not in r), None)
+    # CPU rows were timed round-robin: their ratios are medians of per-round ratios, and
+    # the process's CPU time comes next to the wall time.
+    cpu = any("fwd_bwd_cpu_ms" in r for r in rows)
+    threads = f", {torch.get_num_threads()} threads" if cpu else ""
     lines = [
         f"### {op}: {preset_name} (N={n} H={h} V={v}, "
-        f"{str(preset.dtype).removeprefix('torch.')}{chunking})",
+        f"{str(preset.dtype).removeprefix('torch.')}{chunking}{threads})",
         "",
         "| impl | fwd ms (p20–p80) | fwd+bwd ms (p20–p80) | × floor (fwd / fwd+bwd) "
-        "| TFLOP/s (fwd / fwd+bwd) | peak GB | value err | grad err |",
-        "|---|---|---|---|---|---|---|---|",
+        + ("| fwd+bwd CPU-time ms (p20–p80) | × floor, CPU time (fwd / fwd+bwd) " if cpu else "")
+        + "| TFLOP/s (fwd / fwd+bwd) | peak GB | value err | grad err |",
+        "|---|---|---|---|" + ("---|---|" if cpu else "") + "---|---|---|---|",
     ]
     fmt_t = lambda t: f"{t[0]:.2f} ({t[1]:.2f}–{t[2]:.2f})"
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['impl']} | {r['error']} | | | | | | |" + (" | |" if cpu else ""))
             continue
         fwd, fb = r["fwd_ms"], r["fwd_bwd_ms"]
-        ratio = (
-            f"{fwd[0] / floor['fwd_ms'][0]:.2f} / {fb[0] / floor['fwd_bwd_ms'][0]:.2f}"
-            if floor
-            else "–"
-        )
+        if "fwd_bwd_vs_floor" in r:
+            ratio = f"{r['fwd_vs_floor'][0]:.2f} / {r['fwd_bwd_vs_floor'][0]:.2f}"
+            cpu_ratio = f"{r['fwd_cpu_vs_floor'][0]:.2f} / {r['fwd_bwd_cpu_vs_floor'][0]:.2f}"
+        elif floor:
+            ratio = f"{fwd[0] / floor['fwd_ms'][0]:.2f} / {fb[0] / floor['fwd_bwd_ms'][0]:.2f}"
+            cpu_ratio = "–"
+        else:
+            ratio = cpu_ratio = "–"
         tflops = f"{2 * n * h * v / fwd[0] / 1e9:.3g} / {6 * n * h * v / fb[0] / 1e9:.3g}"
         peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") is not None else "–"
         value_err = f"{r['value_rel_err']:.1e}" if "value_rel_err" in r else "–"
         grad_err = f"{r['grad_rel_err']:.1e}" if "grad_rel_err" in r else "–"
+        cpu_cols = f"| {fmt_t(r['fwd_bwd_cpu_ms'])} | {cpu_ratio} " if cpu else ""
         lines.append(
-            f"| {r['impl']} | {fmt_t(fwd)} | {fmt_t(fb)} | {ratio} | {tflops} | {peak} "
+            f"| {r['impl']} | {fmt_t(fwd)} | {fmt_t(fb)} | {ratio} {cpu_cols}| {tflops} | {peak} "
             f"| {value_err} | {grad_err} |"
         )
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    from train_throughput import _cpu_name as cpu_name  # bench/ is on sys.path
+
+    return cpu_name()
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
@@ -381,9 +498,13 @@ def run(
     ops: list[str],
     reps: int,
     chunk_size: int | None = None,
+    threads: int | None = None,
 ) -> dict:
     preset = PRESETS[preset_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = threads or preset.threads
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
     inputs = make_inputs(preset, device)
     report = {
         "env": environment(device),
@@ -397,9 +518,14 @@ def run(
         "V": preset.vocab_size,
         "dtype": str(preset.dtype).removeprefix("torch."),
     }
+    # float64 on CPU, where it is affordable; fp32 on CUDA (the presets' logits in float64
+    # would not fit beside the rows measured).
+    ref_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    report["reference_dtype"] = str(ref_dtype).removeprefix("torch.")
     for op in ops:
-        ref = reference(inputs, op)
+        ref = reference(inputs, op, ref_dtype)
         rows = []
+        entries = []  # (position in rows, case) of the cases still to measure
         for impl in impls:
             if op == "logprobs" and impl not in LOGPROB_IMPLS:
                 continue
@@ -409,18 +535,29 @@ def run(
                 rows.append({"impl": impl, "error": f"not importable ({error.name or error})"})
                 continue
             for case in cases:
-                try:
-                    rows.append(measure(case, inputs, ref, device, reps))
-                except Exception as error:  # an OOM or a failing baseline keeps the others
-                    message = str(error).splitlines()[0][:120] if str(error) else ""
-                    rows.append({"impl": case.name, "error": f"{type(error).__name__}: {message}"})
-                finally:
-                    inputs.hidden.grad = inputs.weight.grad = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                entries.append((len(rows), case))
+                rows.append(None)
+        timings = {}
+        if device.type == "cpu":
+            try:
+                measured = cpu_timings([case for _, case in entries], inputs, reps)
+                timings = {pos: t for (pos, _), t in zip(entries, measured, strict=True)}
+            except Exception as error:  # a failing row: time the others one by one
+                print(f"round-robin timing failed ({type(error).__name__}: {error})")
+        for pos, case in entries:
+            try:
+                rows[pos] = measure(case, inputs, ref, device, reps, timings.get(pos))
+            except Exception as error:  # an OOM or a failing baseline keeps the others
+                message = str(error).splitlines()[0][:120] if str(error) else ""
+                rows[pos] = {"impl": case.name, "error": f"{type(error).__name__}: {message}"}
+            finally:
+                inputs.hidden.grad = inputs.weight.grad = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         del ref
         report["ops"][op] = rows
         print(markdown(rows, preset_name, preset, op, chunk_size), "\n", flush=True)
+    report["env"]["threads"] = torch.get_num_threads()
     return report
 
 
@@ -434,7 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--op", choices=["ce", "logprobs", "all"], default="all")
     parser.add_argument("--json", help="write the results (with device and versions) here")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds on CPU")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (default: the preset's, else torch's)"
+    )
     parser.add_argument(
         "--chunk-size", type=int, help="chunk_size of the drift rows (default: from the budget)"
     )
@@ -454,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.chunk_size is not None and args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")
-    report = run(args.preset, impls, ops, args.reps, args.chunk_size)
+    report = run(args.preset, impls, ops, args.reps, args.chunk_size, args.threads)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

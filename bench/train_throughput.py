@@ -1,6 +1,7 @@
-"""Training throughput: the DRIFT reference step vs this trainer, same model, same data.
+"""Training throughput: the DRIFT reference step and plain Hugging Face packing vs this
+trainer, same model, same data.
 
-Both sides train the same random-initialised model on the same synthetic trajectories
+All sides train the same random-initialised model on the same synthetic trajectories
 (multi-turn, last assistant turn trained, lengths log-normal), once each, after a short
 untimed warmup:
 
@@ -8,6 +9,12 @@ untimed warmup:
   trajectories right-padded to the longest, SDPA attention, full-vocabulary logits cast to
   fp32, per-trajectory token-mean cross-entropy × weight averaged over the batch, AdamW
   (fused on CUDA), parameters in the compute dtype;
+- HF packed (CPU presets; ``--no-hf-packed`` skips it): the best assembly a user could make
+  without drift-engine, from transformers alone: the trainer's packed micro-batches (same
+  sequences, same order) fed as one row with restarting position ids and no attention mask,
+  so that transformers builds its packed-sequence (block-diagonal causal) mask for SDPA;
+  full-vocabulary logits cast to fp32 and the same per-token weighted cross-entropy
+  (dense), AdamW as the reference's;
 - drift-engine: ``drift_engine.train.Trainer`` (packed micro-batches under a token budget,
   varlen attention, fused weighted loss, fp32 master weights with 16-bit autocast on GPU);
   with ``--compile``, its decoder layers compiled (``model.compile``), compile time excluded.
@@ -20,6 +27,7 @@ lookup), attention FLOPs are 6·layers·heads·head_dim·L² per trajectory of L
 the table below. Only real tokens count as useful work.
 
     python bench/train_throughput.py --preset cpu
+    python bench/train_throughput.py --preset cpu-smollm2-135m
     python bench/train_throughput.py --preset gpu --json bench/results/train_throughput_h100.json
     python bench/train_throughput.py --preset gpu --compile --batch-tokens 32768
 """
@@ -86,6 +94,22 @@ TINY = {
     "hidden_act": "silu",
 }
 
+# SmolLM2-135M's architecture (Llama; no download: random initialisation).
+SMOLLM2_135M = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+
 PRESETS = {
     # finishes in well under 2 minutes on 2 CPU cores
     "cpu": dict(
@@ -99,8 +123,25 @@ PRESETS = {
         batch_tokens=1024,
         reference_batch=8,
         reference_gradient_checkpointing=False,
+        hf_packed=True,
         warmup_steps=1,
         repeats=3,
+    ),
+    # a real small architecture on short trajectories: a few minutes on 2 CPU cores
+    "cpu-smollm2-135m": dict(
+        model=SMOLLM2_135M,
+        dtype="float32",
+        trajectories=16,
+        median_tokens=128,
+        max_tokens=512,
+        batch_tokens=1024,
+        reference_batch=8,
+        reference_gradient_checkpointing=False,
+        hf_packed=True,
+        warmup_steps=1,
+        # the second pass sees every micro-batch shape a second time (first calls of a new
+        # shape cost up to 2x on CPU)
+        repeats=2,
     ),
     "gpu": dict(
         model=QWEN2_0_5B,
@@ -112,6 +153,8 @@ PRESETS = {
         reference_batch=8,
         # the reference runs out of memory on an 80 GB card without it
         reference_gradient_checkpointing=True,
+        # the GPU peer is Hugging Face with varlen attention and Liger's fused loss, not this
+        hf_packed=False,
         warmup_steps=2,
         repeats=1,
     ),
@@ -274,9 +317,10 @@ def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, 
             padded += p
         return real, padded
 
-    seconds, (real, padded) = _fastest(one_pass, preset["repeats"], device)
+    seconds, (real, padded), cpu_seconds = _fastest(one_pass, preset["repeats"], device)
     result = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "real_tokens": real,
         "processed_tokens": padded,
         "padding_fraction": 1 - real / padded,
@@ -284,6 +328,70 @@ def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, 
         "peak_memory_gb": _peak_gb(device),
     }
     return result
+
+
+# ----------------------------------------------------------------------------- HF packed
+
+
+def hf_packed_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Σ token_weights·CE / trajectories of one PackedBatch with plain transformers: restarting
+    position ids and no attention mask make transformers mask each packed sequence from the
+    others (only without a KV cache: ``model.config.use_cache`` must be False)."""
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # (1, T, V)
+    ce = F.cross_entropy(logits[0].float(), batch.labels, reduction="none")  # (T,)
+    return (batch.token_weights * ce).sum() / batch.num_trajectories
+
+
+def hf_packed_pass(model_dir: Path, batches: list, preset: dict, device, seed: int) -> dict:
+    """Plain transformers on the trainer's packed micro-batches (``batches``: PackedBatch):
+    one row with restarting position ids and no attention mask (transformers' packed-sequence
+    masking, SDPA), dense fp32 logits, Σ token_weights·CE / trajectories, AdamW as the
+    reference's. Returns timings."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, preset["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa"
+    ).to(device)
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-6, weight_decay=0.1, fused=device.type == "cuda"
+    )
+    batches = [batch.to(device) for batch in batches]
+
+    def step(batch) -> int:
+        hf_packed_loss(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return batch.num_tokens
+
+    for batch in batches[: preset["warmup_steps"]]:
+        step(batch)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, real, cpu_seconds = _fastest(
+        lambda: sum(step(b) for b in batches), preset["repeats"], device
+    )
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "real_tokens": real,
+        "processed_tokens": real,
+        "padding_fraction": 0.0,
+        "optimizer_steps": len(batches),
+        "peak_memory_gb": _peak_gb(device),
+    }
+
+
+def packed_micro_batches(model_dir: Path, data: Path, out: Path, preset: dict, device, seed):
+    """The trainer's packed micro-batches of one epoch, in its order (on the CPU)."""
+    trainer = make_trainer(model_dir, data, out, preset, device, seed)
+    batches = [trainer.pack_micro_batch(mb) for mb in trainer.epoch_plan(0).micro_batches]
+    del trainer
+    return batches
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -329,9 +437,10 @@ def trainer_pass(model_dir: Path, data: Path, out: Path, preset: dict, device, s
         return sum(trainer.train_step([mb])["tokens"] for mb in plan.micro_batches)
 
     graphs_before = _compiled_graphs()
-    seconds, real = _fastest(one_pass, preset["repeats"], device)
+    seconds, real, cpu_seconds = _fastest(one_pass, preset["repeats"], device)
     result = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "real_tokens": real,
         "processed_tokens": real,
         "padding_fraction": 0.0,
@@ -370,17 +479,18 @@ def _compiled_graphs() -> int:
 
 
 def _fastest(fn, repeats: int, device: torch.device):
-    """(seconds, result) of the fastest of ``repeats`` timed calls of ``fn``: on a shared
-    machine the fastest pass is the one least disturbed by other processes."""
+    """(seconds, result, cpu_seconds) of the fastest of ``repeats`` timed calls of ``fn``: on
+    a shared machine the fastest pass is the one least disturbed by other processes;
+    cpu_seconds is that pass's process CPU time (all threads)."""
     best = None
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = fn()
         _sync(device)
         seconds = time.perf_counter() - start
         if best is None or seconds < best[0]:
-            best = (seconds, result)
+            best = (seconds, result, time.process_time() - cpu_start)
     return best
 
 
@@ -457,6 +567,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="measure only this trainer (e.g. a second run of the same preset)",
     )
+    parser.add_argument(
+        "--no-hf-packed",
+        action="store_true",
+        help="skip the plain Hugging Face packed-sequence side (CPU presets run it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -474,6 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"({preset['max_tokens']}): the trainer would truncate what the reference trains whole"
         )
     preset["compile"] = args.compile
+    preset["hf_packed"] = preset["hf_packed"] and not args.no_hf_packed
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("the gpu preset needs CUDA")
@@ -494,13 +610,22 @@ def main(argv: list[str] | None = None) -> dict:
                 # Padded fp32 logits of long trajectories: report it, still measure the trainer.
                 reference = {"error": f"out of memory: {str(error).splitlines()[0]}"}
             _free(device)  # the reference's model and optimizer went out of scope
+        hf_packed = None
+        if preset["hf_packed"]:
+            batches = packed_micro_batches(model_dir, data, tmp / "pack", preset, device, args.seed)
+            hf_packed = hf_packed_pass(model_dir, batches, preset, device, args.seed)
+            del batches
+            _free(device)
         ours = trainer_pass(model_dir, data, tmp / "out", preset, device, args.seed)
 
     peak, card = peak_tflops(device)
     flops = training_flops(model_config, params_for_flops, lengths)
-    measured = [ours] + ([reference] if reference and "error" not in reference else [])
+    measured = [ours] + [r for r in (reference, hf_packed) if r and "error" not in r]
     for result in measured:
         result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
+        # Per second of process CPU time (all threads): on a shared CPU machine this moves far
+        # less with the other processes' load than the wall-clock figure.
+        result["real_tokens_per_cpu_s"] = result["real_tokens"] / result["cpu_seconds"]
         result["tflops_per_s"] = flops / result["seconds"] / 1e12
         result["mfu"] = result["tflops_per_s"] / peak if peak else None
     # MFU counts the LM head on every token, as model-FLOP conventions do; this trainer runs it
@@ -533,19 +658,30 @@ def main(argv: list[str] | None = None) -> dict:
             "compile": preset["compile"],
             "reference_batch": preset["reference_batch"],
             "reference_gradient_checkpointing": preset["reference_gradient_checkpointing"],
+            "hf_packed": preset["hf_packed"],
             "timed_passes": f"fastest of {preset['repeats']} passes over all trajectories",
             "flops_formula": "6*P*tokens + 6*layers*heads*head_dim*sum(L^2)",
             "params_for_flops": params_for_flops,
             "trained_tokens": trained_tokens,
         },
         "reference": reference,
+        "hf_packed": hf_packed,
         "drift_engine": ours,
         "speedup": (
             ours["real_tokens_per_s"] / reference["real_tokens_per_s"]
-            if len(measured) == 2
+            if reference and "error" not in reference
             else None
         ),
+        "speedup_vs_hf_packed": (
+            ours["real_tokens_per_s"] / hf_packed["real_tokens_per_s"] if hf_packed else None
+        ),
     }
+    if device.type == "cpu":
+        report["cpu_time_speedup"] = {
+            name: ours["real_tokens_per_cpu_s"] / other["real_tokens_per_cpu_s"]
+            for name, other in (("reference", reference), ("hf_packed", hf_packed))
+            if other and "error" not in other
+        }
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -558,14 +694,15 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(report: dict) -> str:
     def row(name: str, r: dict | None) -> str:
         if r is None:
-            return f"| {name} | not run (--no-reference) | | | | | |"
+            return f"| {name} | not run (--no-reference) | | | | | | |"
         if "error" in r:
-            return f"| {name} | {r['error']} | | | | | |"
+            return f"| {name} | {r['error']} | | | | | | |"
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         return (
             f"| {name} | {r['real_tokens_per_s']:,.0f} | {100 * r['padding_fraction']:.1f}% | "
-            f"{mem} | {r['tflops_per_s']:.3f} | {mfu} | {r['optimizer_steps']} |"
+            f"{mem} | {r['tflops_per_s']:.3f} | {mfu} | {r['optimizer_steps']} "
+            f"| {r['real_tokens_per_cpu_s']:,.0f} |"
         )
 
     s = report["setup"]
@@ -591,9 +728,15 @@ def markdown(report: dict) -> str:
         + (", decoder layers compiled (torch.compile, inductor)" if s["compile"] else "")
         + ".",
         "",
-        "| | real tokens/s | padding | peak GB | TFLOP/s | MFU | optimizer steps |",
-        "|---|---|---|---|---|---|---|",
+        "| | real tokens/s | padding | peak GB | TFLOP/s | MFU | optimizer steps "
+        "| real tokens per CPU-second |",
+        "|---|---|---|---|---|---|---|---|",
         row("reference (padded, fp32 logits)", report["reference"]),
+        *(
+            [row("HF packed + SDPA (dense fp32 logits)", report["hf_packed"])]
+            if s["hf_packed"]
+            else []
+        ),
         row(
             "drift-engine (packed, fused loss" + (", compiled layers)" if s["compile"] else ")"),
             report["drift_engine"],
@@ -603,6 +746,17 @@ def markdown(report: dict) -> str:
             f"Speedup (real tokens/s): **{report['speedup']:.2f}x**"
             if report["speedup"] is not None
             else "Speedup: n/a (no reference measured)"
+        )
+        + (
+            f"; against HF packed + SDPA **{report['speedup_vs_hf_packed']:.2f}x**"
+            if report["speedup_vs_hf_packed"] is not None
+            else ""
+        )
+        + (
+            "; per CPU-second: "
+            + ", ".join(f"{x:.2f}x the {k}" for k, x in report["cpu_time_speedup"].items())
+            if report.get("cpu_time_speedup")
+            else ""
         ),
         "",
         f"MFU counts the LM head on every token; drift-engine runs it only on the "

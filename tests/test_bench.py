@@ -37,7 +37,13 @@ def test_loss_kernel_cpu_preset_rows_are_accurate():
         # ce: the fast and the memory-lean Triton schedules, the torch backend, dense PyTorch
         assert len(measured) >= (4 if op == "ce" else 3)
         for row in measured:
-            assert row["grad_rel_err"] < 1e-4, row  # fp32 preset against the fp32 reference
+            assert row["grad_rel_err"] < 1e-4, row  # fp32 preset against the float64 reference
+            # CPU rows are timed round-robin: per-round ratios to the floor, CPU time too.
+            assert row["fwd_bwd_vs_floor"][0] > 0 and row["fwd_bwd_cpu_vs_floor"][0] > 0, row
+            assert row["fwd_bwd_cpu_ms"][0] > 0, row
+            if sys.platform == "linux":
+                assert row["peak_gb"] is not None, row
+    assert report["reference_dtype"] == "float64"
 
 
 def test_train_throughput_cpu_preset(tmp_path):
@@ -53,13 +59,50 @@ def test_train_throughput_cpu_preset(tmp_path):
     assert report["speedup"] == pytest.approx(
         ours["real_tokens_per_s"] / reference["real_tokens_per_s"]
     )
+    # Plain transformers on the trainer's packed micro-batches: same tokens, same steps.
+    hf = report["hf_packed"]
+    assert hf["real_tokens"] == ours["real_tokens"] and hf["padding_fraction"] == 0
+    assert hf["optimizer_steps"] == ours["optimizer_steps"]
+    assert report["speedup_vs_hf_packed"] == pytest.approx(
+        ours["real_tokens_per_s"] / hf["real_tokens_per_s"]
+    )
+    assert report["cpu_time_speedup"]["hf_packed"] == pytest.approx(
+        ours["real_tokens_per_cpu_s"] / hf["real_tokens_per_cpu_s"]
+    )
     # The LM head runs only on the trained (last-turn) tokens: fewer FLOPs executed.
     assert 0 < report["setup"]["trained_tokens"] < report["setup"]["tokens"]
     assert 0 < ours["executed_tflops_per_s"] < ours["tflops_per_s"]
 
-    alone = train_throughput.main(["--preset", "cpu", "--trajectories", "8", "--no-reference"])
+    alone = train_throughput.main(
+        ["--preset", "cpu", "--trajectories", "8", "--no-reference", "--no-hf-packed"]
+    )
     assert alone["reference"] is None and alone["speedup"] is None
+    assert alone["hf_packed"] is None and alone["speedup_vs_hf_packed"] is None
     assert alone["drift_engine"]["real_tokens"] == alone["setup"]["tokens"]
+
+
+def test_hf_packed_side_computes_the_trainers_loss(tmp_path):
+    """The plain-transformers packed side trains the trainer's objective: on a micro-batch of
+    several sequences its loss equals the trainer's fused one (so transformers' packed-sequence
+    mask keeps the sequences apart)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from drift_engine.models.loss import weighted_sft_loss
+
+    train_throughput = _load("train_throughput")
+    preset = dict(train_throughput.PRESETS["cpu"], compile=False)
+    model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
+    cpu = torch.device("cpu")
+    trainer = train_throughput.make_trainer(model_dir, data, tmp_path / "out", preset, cpu, 0)
+    batch = trainer.pack_micro_batch(trainer.epoch_plan(0).micro_batches[0])
+    assert batch.num_trajectories > 1
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model.config.use_cache = False
+    with torch.no_grad():
+        expected = weighted_sft_loss(trainer.model, batch)
+        actual = train_throughput.hf_packed_loss(model, batch)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_profile_train_cpu_preset(tmp_path):

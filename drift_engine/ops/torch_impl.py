@@ -22,7 +22,7 @@ from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
 # reads and writes the (V, H) fp32 gradient accumulator once, a GEMM whose inner dimension
 # is the chunk's rows: at the SmolLM2-135M head (H=576, V=49152) on 2 CPU threads, 85-row
 # chunks (the former 4 Mi-element CPU budget) took the three GEMMs to 1.5x the unchunked
-# GEMMs, 1024-row chunks to within a few percent (bench/results/loss_cpu_*.md).
+# GEMMs, 1024-row chunks to within a few percent (bench/results/cpu-2026-12-02).
 CPU_CHUNK_ELEMENTS = 1 << 26
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
@@ -112,6 +112,16 @@ def _accumulate_grads(
         grad_weight_acc += grad_logits.T @ hidden_chunk
 
 
+def _softmax_lse_(logits: torch.Tensor) -> torch.Tensor:
+    """Overwrite the (c, V) fp32 ``logits`` with their row softmax p; return the (c,)
+    log-sum-exps. One cache-blocked pass per row (ATen's softmax) after a max, instead of
+    logsumexp then exp(s - lse): lse = max - log p[argmax], where p[argmax] = 1 / Σ exp(s - max)
+    lies in [1/V, 1], so it is as exact as logsumexp's own max + log Σ."""
+    row_max, argmax = logits.max(dim=1, keepdim=True)  # (c, 1) each
+    probs = torch.softmax(logits, dim=1, out=logits)
+    return (row_max - probs.gather(1, argmax).log_()).squeeze(1)
+
+
 def _new_grad_buffers(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -183,12 +193,8 @@ def ce_forward(
             logits = torch.mul(tanh, cap, out=logits)  # (c, V) capped logits s
         target_logit = logits.gather(1, safe_labels).squeeze(1)  # (c,)
         mean_logit = logits.mean(dim=1) if smoothing > 0.0 else None  # (c,)
-        # The row pass, in place: softmax p over the logits (one cache-blocked pass per row),
-        # and lse = max - log p[argmax] (p[argmax] = 1 / Σ exp(s - max), within [1/V, 1], so
-        # as exact as logsumexp's own m + log Σ).
-        row_max, argmax = logits.max(dim=1, keepdim=True)  # (c, 1) each
-        probs = torch.softmax(logits, dim=1, out=logits)  # (c, V) p
-        lse_chunk = (row_max - probs.gather(1, argmax).log_()).squeeze(1)  # (c,)
+        lse_chunk = _softmax_lse_(logits)  # (c,); logits now holds the softmax p
+        probs = logits
         row_loss = (1.0 - smoothing) * (lse_chunk - target_logit)
         if smoothing > 0.0:
             row_loss += smoothing * (lse_chunk - mean_logit)
@@ -261,15 +267,16 @@ def logprobs_forward(
         scaled = _logits_fp32(hidden[start:end], weight, bias, buffer)  # (c, V) fp32
         if opts.temperature != 1.0:
             scaled *= inv_temperature
-        lse_chunk = torch.logsumexp(scaled, dim=1)  # (c,)
         target = scaled.gather(1, safe_labels).squeeze(1)  # (c,)
-        logprobs[start:end] = torch.where(valid, target - lse_chunk, 0.0)
-        lse[start:end] = lse_chunk
         if entropy is not None:
             # -Σ p log p rather than lse - Σ p s, which cancels two large numbers when the
             # logits are large; log_softmax normalises with (s - max) - log Σ exp(s - max),
             # more precisely than s - lse with lse rounded to fp32.
             log_probs = torch.log_softmax(scaled, dim=1)  # (c, V)
+        lse_chunk = _softmax_lse_(scaled)  # (c,); scaled now holds p
+        logprobs[start:end] = torch.where(valid, target - lse_chunk, 0.0)
+        lse[start:end] = lse_chunk
+        if entropy is not None:
             entropy[start:end] = -(torch.exp(log_probs) * log_probs).sum(dim=1)
     return logprobs, entropy, lse
 
@@ -304,6 +311,26 @@ def logprobs_backward(
         scaled = _logits_fp32(hidden_chunk, weight, bias, buffer)  # (c, V) fp32
         if opts.temperature != 1.0:
             scaled *= inv_temperature
+        if grad_entropy is None and grad_logprobs is not None:
+            # g·(δ_jy - p_j) / T = diag(-g / T)·(p - δ): the softmax in place, the row scale
+            # applied by _accumulate_grads.
+            labels_chunk = labels[start:end]
+            valid = labels_chunk != opts.ignore_index
+            safe_labels = torch.where(valid, labels_chunk, 0).unsqueeze(1)  # (c, 1)
+            grad_lp = torch.where(valid, grad_logprobs[start:end].float(), 0.0)  # (c,)
+            grad_logits = torch.softmax(scaled, dim=1, out=scaled)  # (c, V) p
+            grad_logits.scatter_add_(1, safe_labels, torch.full_like(grad_lp, -1.0).unsqueeze(1))
+            _accumulate_grads(
+                grad_logits,
+                hidden_chunk,
+                weight,
+                grad_hidden[start:end],
+                grad_weight_acc,
+                grad_bias_acc,
+                first=start == 0,
+                row_scale=grad_lp.mul_(-inv_temperature),
+            )
+            continue
         # Normalised afresh rather than as s - lse[start:end]: an fp32 lse carries an error of
         # half an ulp of |lse| into every log-prob, which the (nearly cancelling) entropy
         # gradient amplifies. The saved lse is what the Triton backend, which never holds a
