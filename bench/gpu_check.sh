@@ -58,7 +58,8 @@ step() {
 
 # ---------------------------------------------------------------- 1. setup
 step install 60 "$OUT/setup.log" python -m pip install --no-deps --no-build-isolation -e .
-# The source tree imports as the package too (drift_engine/kernels links to kernels/).
+# The source tree imports as the package too (the kernels live in drift_engine/kernels), so
+# the steps run even where the image's setuptools is too old for the editable install.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 shopt -s nullglob
 wheels=(.whl/liger_kernel*.whl .whl/cut_cross_entropy*.whl)
