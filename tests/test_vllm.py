@@ -292,7 +292,7 @@ def test_hf_engine_context_limit_and_dtype(checkpoint, tmp_path):
         cli,
         ["rollout", "--model", str(checkpoint["base"]), "--env", "guess", "--problems",
          str(checkpoint["problems"]), "--out", str(out), "--engine", "hf",
-         "--max-model-len", "10"],
+         "--max-model-len", "10", "--overwrite"],
     )  # fmt: skip
     assert result.exit_code == 2 and "no room for an answer" in result.output
 

@@ -93,7 +93,7 @@ def installed(tmp_path_factory) -> dict:
 def test_wheel_is_the_package_imported(installed):
     code = (
         "import drift_engine; "
-        "from drift_engine.ops.validation import _triton_available; "
+        "from drift_engine.ops.backends import _triton_available; "
         "assert not _triton_available(); "
         "print(drift_engine.__file__)"
     )
@@ -158,4 +158,4 @@ def test_demo_then_train_from_the_wheel(installed):
         env,
     ).stdout
     assert "trained 1 steps" in out, out
-    assert list((work / "run").glob("checkpoint-*/model.safetensors"))
+    assert list((work / "run").glob("checkpoint-*/model/model.safetensors"))
