@@ -1,9 +1,12 @@
-"""Checks on where a command will write, made before any work so that nothing is lost."""
+"""Where commands write: checks made before any work, and atomic writes, so that nothing
+already written is lost and no reader ever sees half a file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from drift_engine.errors import ConfigError
@@ -33,4 +36,23 @@ def check_writable_location(path: str | os.PathLike, option: str = "--out") -> P
     return path
 
 
-__all__ = ["check_writable_location"]
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed onto ``path`` when the block ends
+    without an exception, removed otherwise (the rename is atomic on one filesystem)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+__all__ = ["atomic_path", "check_writable_location", "write_text_atomic"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from drift_engine.errors import ConfigError, RolloutFormatError
-from drift_engine.files import check_writable_location
+from drift_engine.files import atomic_path, check_writable_location, write_text_atomic
 
 FORMAT_NAME = "drift-rollouts"
 FORMAT_VERSION = 1
@@ -568,7 +568,7 @@ def save_rollouts(
         "metadata": _file_metadata(rollouts),
     }
     index_path = _index_path(path)
-    _atomic_write_bytes(index_path, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+    write_text_atomic(index_path, json.dumps(index, indent=2) + "\n")
     written.append(index_path)
     _remove_stale(earlier, written)
     return written
@@ -659,23 +659,8 @@ def _write_file(path: Path, rs: RolloutSet) -> None:
     from safetensors.torch import save_file
 
     tensors = {name: t.contiguous() for name, t in rs.tensors().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=_file_metadata(rs))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---- reading -------------------------------------------------------------------------------

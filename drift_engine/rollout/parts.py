@@ -34,6 +34,7 @@ from drift_engine.data.rollouts import (
 from drift_engine.envs import Environment, environment_spec
 from drift_engine.envs.base import Problem
 from drift_engine.errors import ConfigError
+from drift_engine.files import atomic_path, write_text_atomic
 from drift_engine.rollout.engine import Engine, SamplingParams
 from drift_engine.rollout.loop import (
     META_SHARD,
@@ -179,9 +180,8 @@ def collect_in_parts(
             part = to_rollout_set(part_run, {**(metadata or {}), META_SHARD: f"{k}/{count}"})
             if preview is not None:
                 # The preview piece first: a part whose rollout file exists is complete.
-                tmp = folder / f".{names[k]}.jsonl.tmp-{os.getpid()}"
-                write_preview(part_run, tmp)
-                os.replace(tmp, folder / f"{names[k]}.jsonl")
+                with atomic_path(folder / f"{names[k]}.jsonl") as tmp:
+                    write_preview(part_run, tmp)
             save_rollouts(folder / f"{names[k]}.safetensors", part)
     finally:
         bar.close()
@@ -229,9 +229,7 @@ def _prepare(folder: Path, run: dict[str, Any], overwrite: bool) -> None:
         discard_parts(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not record.is_file():
-        tmp = folder / f".{RUN_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, record)
+        write_text_atomic(record, json.dumps(run, indent=2, sort_keys=True) + "\n")
 
 
 def _bar(total: int, enabled: bool):

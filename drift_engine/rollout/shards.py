@@ -41,6 +41,7 @@ from drift_engine.data.rollouts import (
     save_rollouts,
 )
 from drift_engine.errors import ConfigError, RolloutFormatError
+from drift_engine.files import atomic_path
 from drift_engine.rollout.loop import (
     META_CONTEXT_LIMIT,
     META_PROBLEMS,
@@ -339,11 +340,9 @@ def merge_text_pieces(
     """Concatenate text files (e.g. per-rank JSONL previews) in order into ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as dst:
+    with atomic_path(out) as tmp, tmp.open("wb") as dst:
         for piece in pieces:
             dst.write(Path(piece).read_bytes())
-    os.replace(tmp, out)
     if delete:
         for piece in pieces:
             Path(piece).unlink(missing_ok=True)

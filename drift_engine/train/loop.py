@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from drift_engine.data.rollouts import (
     validate_rollouts,
 )
 from drift_engine.errors import CheckpointError, ConfigError, TrainingDivergedError
+from drift_engine.files import write_text_atomic
 from drift_engine.models import apply_lora, load_model, parse_dtype, weighted_sft_loss
 from drift_engine.models.compile import compile_decoder_layers
 from drift_engine.models.loading import check_position_table
@@ -700,9 +700,7 @@ class Trainer:
                 p.numel() for p in self.model.parameters() if p.requires_grad
             ),
         }
-        tmp = self.out_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out_dir / RUN_FILE)
+        write_text_atomic(self.out_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def train(

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drift_engine.errors import ConfigError
+from drift_engine.files import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -120,12 +121,10 @@ class MetricsWriter:
                     break  # a torn last line from a killed run
                 if record.get("step", 0) <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
