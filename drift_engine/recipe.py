@@ -35,7 +35,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -449,8 +449,13 @@ def run_recipe(
     files = {
         "results": str(_write_json(out / "results.json", report)),
         "table": str(_write_text(out / "results.md", format_summary(summary, report) + "\n")),
-        "plot": str(plot_summary(summary, out / "multi_at_k.png",
-                                 title=f"multi@k, {len(problems_eval)} held-out problems")),
+        "plot": str(
+            plot_summary(
+                summary,
+                out / "multi_at_k.png",
+                title=f"multi@k, {len(problems_eval)} held-out problems",
+            )
+        ),
         "transcripts": str(
             _write_text(out / "transcripts.md", _transcripts(out, config, problems_eval))
         ),
@@ -699,7 +704,9 @@ def _transcripts(out: Path, config: RecipeConfig, problems: list[dict]) -> str:
                   + (f" (answer: {answer})" if answer is not None else ""), ""]  # fmt: skip
         for name, _ in shown:
             ep = episodes[name][i]
-            label = METHOD_LABELS[name] + ("" if name == "reference" else f" (seed {config.seeds[0]})")
+            label = METHOD_LABELS[name] + (
+                "" if name == "reference" else f" (seed {config.seeds[0]})"
+            )
             solved = ep["first_correct_turn"]
             lines += [f"### {label}: " + (f"solved at turn {solved}" if solved else "not solved"),
                       ""]  # fmt: skip

