@@ -75,11 +75,11 @@ class RecipeConfig:
     train_problems: str = ""
     eval_problems: str = ""
     # the first this many problems of each file
-    num_train: int = 96
-    num_eval: int = 60
+    num_train: int = 64
+    num_eval: int = 50
     samples_per_problem: int = 4
     max_turns: int = 3
-    max_new_tokens: int = 256
+    max_new_tokens: int = 192
     temperature: float = 1.0
     # context limit of the engines (prompt + all turns)
     max_model_len: int = 2048
@@ -91,11 +91,11 @@ class RecipeConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     # training: every method and seed gets the same optimizer steps
     steps: int = 12
-    batch_tokens: int = 4096
+    batch_tokens: int = 2048
     grad_accum: int = 1
     lr: float = 3e-5
     train_turns: str = "last"
-    train_dtype: str = "bfloat16"
+    train_dtype: str = "float32"
     # held-out problems shown before and after training in transcripts.md
     transcripts: int = 3
 
