@@ -47,6 +47,7 @@ def recipe_run(tmp_path_factory):
         "--train-dtype", "float32",
         "--seeds", "0,1",
         "--threads", "1",
+        "--no-progress",
     ]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     return root / "out", args, result

@@ -6,9 +6,12 @@ import time
 
 import click
 
+from drift_engine.errors import ConfigError
 from drift_engine.recipe import METHODS, RecipeConfig, run_recipe
+from drift_engine.weighting import WeightingConfig
 
 _DEFAULTS = RecipeConfig()
+_WEIGHTING = WeightingConfig()
 
 
 def _option(name: str, kind, help: str, **kwargs):
@@ -22,7 +25,7 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}") from None
 
 
 @click.command("recipe")
@@ -57,9 +60,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 @_option("--batch-tokens", click.IntRange(min=1), "Token budget of one packed micro-batch.")
 @_option("--lr", float, "Learning rate (constant after 10% warmup).")
 @_option("--train-dtype", click.Choice(["float32", "bfloat16"]), "Training compute dtype.")
-@click.option("--gamma", type=float, default=None, show_default="the library default",
+@click.option("--gamma", type=float, default=None,
+              show_default=f"{_WEIGHTING.gamma}, the library default",
               help="DRIFT per-turn discount.")  # fmt: skip
-@click.option("--beta", type=float, default=None, show_default="the library default",
+@click.option("--beta", type=float, default=None,
+              show_default=f"{_WEIGHTING.beta}, the library default",
               help="DRIFT weight temperature.")  # fmt: skip
 @click.option("--methods", default=",".join(METHODS), show_default=True,
               help="Methods trained, comma-separated: drift, rejection, sft.")  # fmt: skip
@@ -67,8 +72,9 @@ def _int_list(text: str) -> tuple[int, ...]:
               help="Training seeds, comma-separated.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               show_default="torch's choice", help="torch CPU threads.")  # fmt: skip
-@click.option("--progress/--no-progress", default=False, show_default=True,
-              help="Progress bars of rollouts and training.")  # fmt: skip
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bars (with ETAs) of rollouts and training; without them, "
+              "training logs a line every 30 s.")  # fmt: skip
 def recipe(out: str, model: str, methods: str, seeds: str, threads: int | None,
            progress: bool, **sizes) -> None:  # fmt: skip
     """DRIFT vs rejection sampling vs plain SFT on arithmetic word problems.
