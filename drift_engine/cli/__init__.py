@@ -26,6 +26,7 @@ _COMMANDS = {
     "eval": "drift_engine.cli.eval:eval_command",
     "convert": "drift_engine.cli.convert:convert",
     "demo": "drift_engine.cli.demo:demo",
+    "recipe": "drift_engine.cli.recipe:recipe",
 }
 
 _SHORT_HELP = {
@@ -34,6 +35,7 @@ _SHORT_HELP = {
     "eval": "multi@k evaluation: greedy multi-turn decoding with feedback.",
     "convert": "Import the DRIFT reference's rollout JSONL into rollouts.safetensors.",
     "demo": "End-to-end DRIFT on the embedded toy environment and tiny model (CPU).",
+    "recipe": "DRIFT vs rejection sampling vs SFT on a real model (SmolLM2-135M), one CPU.",
 }
 
 
