@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_rollout import PROBLEMS, ScriptedEngine, build_tokenizer, save_tiny_model
+from factories import PROBLEMS, ScriptedEngine, build_tokenizer, save_tiny_model
 
 from drift_engine.envs import load_environment
 from drift_engine.evaluate import (

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-
-from drift_engine.cli import cli  # noqa: E402
-from drift_engine.errors import ConfigError  # noqa: E402
-from drift_engine.models.gguf import SOURCE_FILE, convert_gguf, find_gguf_file  # noqa: E402
-from drift_engine.models.sources import resolve_model_source  # noqa: E402
+from drift_engine.cli import cli
+from drift_engine.errors import ConfigError
+from drift_engine.models.gguf import SOURCE_FILE, convert_gguf, find_gguf_file
+from drift_engine.models.sources import resolve_model_source
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import make_model_dir, make_rollouts
+from factories import make_model_dir, make_rollouts
 
 from drift_engine.cli import cli
 from drift_engine.data.rollouts import save_rollouts

@@ -9,6 +9,13 @@ import re
 
 import pytest
 import torch
+from factories import (
+    PROBLEMS,
+    ScriptedEngine,
+    build_model,
+    build_tokenizer,
+    save_tiny_model,
+)
 
 from drift_engine.data.rollouts import RolloutSet, load_rollouts, save_rollouts
 from drift_engine.envs import load_environment
@@ -16,7 +23,6 @@ from drift_engine.errors import ConfigError
 from drift_engine.rollout import (
     ChatFormatter,
     Engine,
-    Generation,
     SamplingParams,
     collect_trajectories,
     run_rollouts,
@@ -24,75 +30,6 @@ from drift_engine.rollout import (
     to_rollout_set,
 )
 from drift_engine.rollout.hf import HFEngine
-
-CHATML = (
-    "{%- for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WORDS = (
-    "system user assistant Incorrect Please think again reason step by and put your final "
-    "answer within What is plus boxed the"
-).split()
-PUNCT = [".", ",", "?", "{", "}", "\\", "{}."]
-
-
-def build_tokenizer(chat_template: str | None = CHATML):
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab: dict[str, int] = {}
-    for word in specials + ["<answer>", "</answer>"] + WORDS + PUNCT + [str(i) for i in range(21)]:
-        vocab.setdefault(word, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    core.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>"]]
-    )
-    kwargs = {"chat_template": chat_template} if chat_template else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        **kwargs,
-    )
-
-
-def build_model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def save_tiny_model(path, chat_template: str | None = CHATML):
-    tokenizer = build_tokenizer(chat_template)
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-PROBLEMS = [
-    {"question": "What is 1 plus 2 ?", "answer": "3"},
-    {"question": "What is 2 plus 2 ?", "answer": "4"},
-    {"question": "What is 3 plus 4 ?", "answer": "7"},
-]
 
 
 @pytest.fixture(scope="module")
@@ -103,35 +40,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return build_model(tokenizer)
-
-
-class ScriptedEngine(Engine):
-    """Answers from a table: (question's first number, turn) -> answer text."""
-
-    name = "scripted"
-
-    def __init__(self, tokenizer, answers: dict[tuple[str, int], str]):
-        self.tokenizer = tokenizer
-        self.answers = answers
-        self.calls: list[int] = []  # batch sizes
-
-    def generate(self, prompts, params, seeds):
-        self.calls.append(len(prompts))
-        out = []
-        im_start = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        for prompt in prompts:
-            text = self.tokenizer.decode(prompt)
-            key = text.split("What is ")[1].split()[0]
-            turn = sum(1 for t in prompt if t == im_start) // 2  # user+assistant per turn
-            ids = self.tokenizer.encode(
-                self.answers.get((key, turn), "no idea"), add_special_tokens=False
-            )
-            ids.append(self.tokenizer.eos_token_id)
-            out.append(Generation(token_ids=ids, finish_reason="stop"))
-        return out
-
-
-# ---- engine ---------------------------------------------------------------------------------
 
 
 def test_hf_engine_logprobs_match_teacher_forcing_and_stop_trimming(tokenizer, model):

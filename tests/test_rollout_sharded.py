@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_rollout import build_model
+from factories import build_model
 from tokenizer_utils import make_chat_tokenizer
 
 from drift_engine.cli import cli

@@ -11,88 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import VOCAB, base_config, exported_weights, make_model_dir, make_rollouts, run
 from safetensors.torch import load_file
 
-from drift_engine.data.rollouts import RolloutSet, save_rollouts, tokenizer_fingerprint
+from drift_engine.data.rollouts import save_rollouts
 from drift_engine.errors import ConfigError
 from drift_engine.train.config import (
     ScheduleConfig,
-    TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config,
 )
 from drift_engine.train.metrics import MetricsWriter
 from drift_engine.train.schedule import lr_multiplier
-
-VOCAB = 61  # prime, so no block size divides it
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-def make_tokenizer(path: Path):
-    """A word-level tokenizer over t0 ... t60 (t0 unknown, t1 padding, t2 end of text)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="t0", pad_token="t1", eos_token="t2"
-    )
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-def make_model_dir(path: Path, arch: str = "qwen2", seed: int = 0) -> Path:
-    """A tiny random HF causal LM (and tokenizer) saved to ``path``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    if arch == "qwen2":
-        config = Qwen2Config(**common, tie_word_embeddings=False)
-    else:  # llama with tied embeddings: the loss must use the embedding matrix as head
-        config = LlamaConfig(**common, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    make_tokenizer(path)
-    return path
-
-
-def make_rollouts(
-    num_groups: int = 4, per_group: int = 3, seed: int = 0, tokenizer=None
-) -> RolloutSet:
-    """Multi-turn trajectories [prompt][answer 1][feedback][answer 2]... of 14-60 tokens,
-    with explicit non-uniform weights."""
-    g = torch.Generator().manual_seed(seed)
-    tokens, turns, groups, rewards = [], [], [], []
-    for group in range(num_groups):
-        for _ in range(per_group):
-            n_turns = int(torch.randint(1, 4, (1,), generator=g))
-            toks, tids = [], []
-            for k in range(1, n_turns + 1):
-                context = int(torch.randint(3, 10, (1,), generator=g))
-                answer = int(torch.randint(2, 9, (1,), generator=g))
-                toks += torch.randint(3, VOCAB, (context + answer,), generator=g).tolist()
-                tids += [0] * context + [k] * answer
-            tokens.append(toks)
-            turns.append(tids)
-            groups.append(group)
-            rewards.append([0.0] * (n_turns - 1) + [float(torch.rand(1, generator=g) < 0.5)])
-    metadata = tokenizer_fingerprint(tokenizer) if tokenizer is not None else {}
-    rs = RolloutSet.from_trajectories(tokens, turns, groups, rewards, metadata=metadata)
-    weights = 0.25 + 1.5 * torch.rand(rs.num_trajectories, generator=g)  # (S,)
-    return dataclasses.replace(rs, weights=weights.to(torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -106,44 +37,6 @@ def workspace(tmp_path_factory):
     data = root / "rollouts.safetensors"
     save_rollouts(data, rollouts)
     return {"root": root, "models": models, "data": data, "rollouts": rollouts}
-
-
-def base_config(workspace, out: Path, **overrides) -> TrainConfig:
-    config = config_from_dict(
-        {
-            "out": str(out),
-            "progress": False,
-            "device": "cpu",
-            "data": {"path": str(workspace["data"]), "batch_tokens": 96},
-            "model": {"name_or_path": str(workspace["models"]["qwen2"]), "dtype": "float32"},
-            "optim": {"lr": 1e-3},
-            "schedule": {"warmup_ratio": 0.0},
-        }
-    )
-    return apply_overrides(config, overrides)
-
-
-def run(config: TrainConfig, stop_at: int | None = None) -> list[dict]:
-    from drift_engine.train.loop import Trainer
-
-    records = []
-
-    def on_step_end(record):
-        records.append(record)
-        if record["step"] == stop_at:
-            raise KeyboardInterrupt
-
-    trainer = Trainer(config, on_step_end=on_step_end)
-    if stop_at is None:
-        trainer.fit()
-    else:
-        with pytest.raises(KeyboardInterrupt):
-            trainer.fit()
-    return records
-
-
-def exported_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint / "model" / "model.safetensors")
 
 
 # ----------------------------------------------------------------------------- config

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import make_model_dir, make_rollouts
+from factories import make_model_dir, make_rollouts
 
 from drift_engine.cli import cli
 from drift_engine.data.rollouts import META_TOKENIZER_VOCAB_HASH, save_rollouts

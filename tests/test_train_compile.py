@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import base_config, make_model_dir, make_rollouts
+from factories import base_config, make_model_dir, make_rollouts
 
 from drift_engine.attention import varlen as varlen_module
 from drift_engine.cli import cli

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
+from factories import VOCAB, base_config, make_model_dir, make_rollouts, run
 from safetensors.torch import load_file
-from test_train import VOCAB, base_config, make_model_dir, make_rollouts, run
 
 from drift_engine.cli import cli
 from drift_engine.data.rollouts import save_rollouts

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import VOCAB, base_config, exported_weights, make_rollouts, run
+from factories import VOCAB, base_config, exported_weights, make_rollouts, run
 
 from drift_engine.cli import cli
 from drift_engine.data.rollouts import RolloutSet, save_rollouts
