@@ -477,7 +477,7 @@ def _cpu_name() -> str:
 
 def environment(device: torch.device) -> dict:
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),

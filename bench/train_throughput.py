@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours["executed_flop_utilization"] = executed_tflops / peak if peak else None
     report = {
         "benchmark": "train_throughput",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "preset": args.preset,
         "machine": machine_info(device),
         "peak_bf16_tflops": peak,

@@ -5,16 +5,25 @@ autograd, weighted mean coefficients, SmolLM2-135M head, 2 threads, round-robin 
     git show cdbe7e3:drift_engine/ops/torch_impl.py > /tmp/old_torch_impl.py
     python bench/results/cpu-2026-12-02/backend_before_after.py /tmp/old_torch_impl.py 5 out.json
 """
-import importlib.util, sys, time, statistics, json, dataclasses
+import dataclasses
+import importlib.util
+import json
+import statistics
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/
 torch.set_num_threads(2)
 from drift_engine.ops import torch_impl as new
 from drift_engine.ops.options import CrossEntropyOptions
+
 spec = importlib.util.spec_from_file_location("old_impl", sys.argv[1])
 old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
 import loss_kernel as lk
+
 inp = lk.make_inputs(lk.PRESETS["cpu-smollm2-135m"], torch.device("cpu"))
 h, w, y, tw = inp.hidden.detach(), inp.weight.detach(), inp.labels, inp.token_weights
 coef = tw / tw.sum()
