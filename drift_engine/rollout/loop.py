@@ -44,6 +44,7 @@ from drift_engine.data.rollouts import (
 from drift_engine.envs import Environment, environment_spec, score_answer
 from drift_engine.envs.base import DEFAULT_FEEDBACK, Message, Problem
 from drift_engine.errors import ConfigError, EnvironmentSpecError
+from drift_engine.launch import torchrun_env
 from drift_engine.rollout.chat import ChatFormatter, first_mismatch
 from drift_engine.rollout.engine import Engine, SamplingParams, request_seed
 from drift_engine.weighting import format_penalty_term, repeat_penalty_term
@@ -172,13 +173,8 @@ class TurnStats:
 
 def shard_from_env() -> tuple[int, int]:
     """(rank, world) from torchrun's RANK/WORLD_SIZE, (0, 1) outside torchrun."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ConfigError(
-            "RANK and WORLD_SIZE must be integers (as torchrun sets them), got "
-            f"RANK={os.environ.get('RANK')!r} WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}."
-        ) from None
+    env = torchrun_env()
+    return env.rank, env.world_size
 
 
 def shard_range(num_prompts: int, rank: int, world: int) -> range:

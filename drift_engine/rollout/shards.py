@@ -42,6 +42,7 @@ from drift_engine.data.rollouts import (
 )
 from drift_engine.errors import ConfigError, RolloutFormatError
 from drift_engine.files import atomic_path
+from drift_engine.launch import torchrun_env
 from drift_engine.rollout.loop import (
     META_CONTEXT_LIMIT,
     META_PROBLEMS,
@@ -93,11 +94,7 @@ def shard_launch(shard_rank: int | None = None, shard_world: int | None = None) 
     rank, world = (shard_rank, shard_world) if explicit else (env_rank, env_world)
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"shard rank must lie in [0, {world}) with world >= 1, got rank {rank}.")
-    local = os.environ.get("LOCAL_RANK")
-    try:
-        local_rank = None if local is None else int(local)
-    except ValueError:
-        raise ConfigError(f"LOCAL_RANK must be an integer, got {local!r}.") from None
+    local_rank = torchrun_env().local_rank
     return ShardLaunch(rank, world, local_rank, merge=not explicit and world > 1)
 
 

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drift_engine.errors import ConfigError
+from drift_engine.launch import torchrun_env
 from drift_engine.rollout.engine import (
     Engine,
     Generation,
@@ -117,16 +118,10 @@ def cpu_thread_binding(
 
 
 def _torchrun_local_world() -> tuple[int, int] | None:
-    local_rank, local_world = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
-    if local_rank is None or local_world is None:
+    env = torchrun_env()
+    if env.local_rank is None or env.local_world_size is None:
         return None
-    try:
-        return int(local_rank), int(local_world)
-    except ValueError:
-        raise ConfigError(
-            f"LOCAL_RANK and LOCAL_WORLD_SIZE must be integers, got {local_rank!r} and "
-            f"{local_world!r}."
-        ) from None
+    return env.local_rank, env.local_world_size
 
 
 def bind_torchrun_rank_cores(tensor_parallel_size: int) -> str | None:

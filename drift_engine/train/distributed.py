@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from drift_engine.errors import ConfigError
+from drift_engine.launch import torchrun_env
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -96,19 +96,6 @@ class DistributedContext:
 # ----------------------------------------------------------------------------- setup
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(
-            f"environment variable {name}={raw!r} is not an integer; launch with torchrun, "
-            "which sets RANK, WORLD_SIZE and LOCAL_RANK"
-        ) from None
-
-
 def init_distributed(
     strategy: str = "auto", device: torch.device | str | None = None
 ) -> DistributedContext:
@@ -122,9 +109,9 @@ def init_distributed(
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    env = torchrun_env()
+    world_size, rank = env.world_size, env.rank
+    local_rank = env.local_rank if env.local_rank is not None else 0
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
