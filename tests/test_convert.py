@@ -22,7 +22,7 @@ from drift_reference import (
 from tokenizer_utils import make_chat_tokenizer
 
 from drift_engine.cli import cli
-from drift_engine.data.convert import convert_reference_jsonl, reference_repeat_penalty
+from drift_engine.convert import convert_reference_jsonl, reference_repeat_penalty
 from drift_engine.data.rollouts import load_rollouts, validate_rollouts
 from drift_engine.errors import DriftError, RolloutFormatError
 from drift_engine.weighting import WeightingConfig

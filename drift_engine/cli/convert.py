@@ -53,7 +53,7 @@ def convert(
     its default, 0.7 / 0.2) the returns and importance weights are stored as well, computed
     as the reference's weight_sft.py computes them.
     """
-    from drift_engine.data.convert import convert_reference_jsonl
+    from drift_engine.convert import convert_reference_jsonl
     from drift_engine.data.rollouts import check_output_file, save_rollouts
     from drift_engine.rollout import load_tokenizer
 

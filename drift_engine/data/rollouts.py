@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -826,7 +826,3 @@ def _map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
         ) from err
     return metadata, tensors
 
-
-def with_metadata(rollouts: RolloutSet, **entries: str) -> RolloutSet:
-    """A shallow copy of ``rollouts`` with metadata entries added or replaced."""
-    return replace(rollouts, metadata={**rollouts.metadata, **entries})

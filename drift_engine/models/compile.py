@@ -47,7 +47,7 @@ from torch import nn
 
 from drift_engine.attention.varlen import probe_kernels
 from drift_engine.errors import ConfigError
-from drift_engine.train.distributed import decoder_layers
+from drift_engine.models.layers import decoder_layers
 
 DEFAULT_BACKEND = "inductor"
 
@@ -80,7 +80,7 @@ def compile_decoder_layers(model: nn.Module, *, backend: str = DEFAULT_BACKEND) 
 
     ``model`` is the Hugging Face model (or its peft wrapper), after any ``fully_shard``; under
     DDP pass the inner module (``unwrap_model``). Call it once, before training. The layers
-    are found as FSDP2 finds its units (:func:`~drift_engine.train.distributed.decoder_layers`);
+    are found as FSDP2 finds its units (:func:`~drift_engine.models.layers.decoder_layers`);
     a layer nested in another found layer is compiled as part of its parent.
     """
     check_compile_backend(backend)

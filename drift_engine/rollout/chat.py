@@ -20,19 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from drift_engine.envs.base import Message
 from drift_engine.errors import ConfigError
 
 _SENTINEL = "\u2063DRIFT-ENGINE-SENTINEL\u2063"
-
-
-@dataclass(frozen=True)
-class TurnDelta:
-    text: str  # template text to append after the generated ids
-    aligned: bool  # the template's rendering of the assistant message matched the generation
 
 
 class ChatFormatter:

@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from drift_engine.errors import ConfigError
 from drift_engine.launch import torchrun_env
+from drift_engine.models.layers import decoder_layers
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -205,26 +206,6 @@ def prepare_model(
     # The root's parameters are kept gathered from its forward to its backward by FSDP2.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of ``model``, each one FSDP2 unit.
-
-    Hugging Face models name their block classes in ``_no_split_modules`` (e.g.
-    ``Qwen2DecoderLayer``); otherwise the blocks of the largest ``nn.ModuleList`` are used.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ConfigError(
-            f"cannot find the decoder layers of {type(model).__name__} to shard: it names no "
-            "_no_split_modules and holds no nn.ModuleList; use strategy 'ddp'"
-        )
-    largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    return list(largest)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -449,7 +430,6 @@ __all__ = [
     "all_reduce_sum_",
     "barrier",
     "clip_grad_norm_",
-    "decoder_layers",
     "destroy_distributed",
     "full_model_state_dict",
     "gradient_sync",
