@@ -16,7 +16,6 @@ model code.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -146,9 +145,6 @@ class EvalConfig:
             raise ConfigError(f"{name} is not set: {field.metadata[HELP]}")
         check_fields(self)
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:
