@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from drift_engine.envs import Environment, environment_spec
 from drift_engine.envs.base import Problem
+from drift_engine.errors import ConfigError
+from drift_engine.evaluate_config import EvalConfig
 from drift_engine.rollout.engine import Engine, SamplingParams
 from drift_engine.rollout.loop import collect_trajectories
 
@@ -166,3 +169,127 @@ def write_benchmark_json(results: Sequence[MultiAtKResult], path: str | os.PathL
     }
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def benchmark_name(source: str) -> str:
+    """A benchmark's name in its output files: a file's stem, or hf:ORG/NAME as ORG__NAME."""
+    if source.startswith("hf:"):
+        return source[3:].replace("/", "__")
+    return Path(source).stem
+
+
+def _model_label(path: str, taken: set[str]) -> str:
+    label = Path(path.rstrip("/")).name or path
+    base, i = label, 2
+    while label in taken:
+        label, i = f"{base}-{i}", i + 1
+    taken.add(label)
+    return label
+
+
+def model_labels(models: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """One label per model: the --label values in order, else each folder's name
+    (made unique with -2, -3, ...)."""
+    models, labels = list(models), list(labels)
+    if not labels:
+        taken: set[str] = set()
+        return [_model_label(model, taken) for model in models]
+    if len(labels) != len(models):
+        raise ConfigError(
+            f"got {len(labels)} --label for {len(models)} --model; give one --label per "
+            "--model, in the same order (or none, to label models by their folder names)."
+        )
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ConfigError(f"--label {repeated[0]!r} is given twice; each model needs its own.")
+    return labels
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a file as --out, a folder with files in it (unless
+    `overwrite`), and a place where the folder cannot be created or written."""
+    from drift_engine.files import check_writable_location
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder.")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out} already holds files (an earlier evaluation?); choose another "
+            "folder or pass --overwrite to write over its results."
+        )
+    check_writable_location(out)
+
+
+def run_eval(config: EvalConfig) -> dict[str, list[MultiAtKResult]]:
+    """Evaluate every model of ``config`` on every benchmark: {benchmark: one result per
+    model, in order}, also written to ``<out>/<benchmark>.json``, ``.md`` (the table) and
+    ``.png`` (multi@k vs k).
+
+    Everything that can be checked is checked before a model loads (the configuration,
+    --out, the labels, the environment and the problems). One engine at a time: each is
+    closed (its processes and memory freed) before the next model loads."""
+    from drift_engine.envs import load_environment, load_problems, parse_field_mapping
+    from drift_engine.rollout import ChatFormatter, create_engine, load_tokenizer, padding_token_id
+    from drift_engine.rollout.chat import read_chat_template
+    from drift_engine.rollout.engine import engine_settings, parse_env_options
+
+    config.validate()
+    out_dir = Path(config.out)
+    check_out_folder(out_dir, config.overwrite)
+    names = model_labels(config.models, config.labels)
+    env = load_environment(config.env, **parse_env_options(config.env_options))
+    field_map = parse_field_mapping(config.fields)
+    benchmarks: dict[str, list[Problem]] = {}
+    for source in config.problems:
+        name = benchmark_name(source)
+        if name in benchmarks:
+            raise ConfigError(f"two benchmarks are both named {name!r}; rename one of the files.")
+        benchmarks[name] = load_problems(
+            source, fields=field_map, env=env, limit=config.limit, split=config.split
+        )
+    chat_template = read_chat_template(config.chat_template)
+
+    settings = engine_settings(
+        config.max_model_len, config.gpu_memory_utilization, config.enforce_eager,
+        config.vllm_args,
+    )  # fmt: skip
+    results: dict[str, list[MultiAtKResult]] = {name: [] for name in benchmarks}
+    for model, label in zip(config.models, names, strict=True):
+        tokenizer = load_tokenizer(model)
+        ChatFormatter(tokenizer, chat_template)
+        engine = create_engine(
+            config.engine,
+            model,
+            tensor_parallel_size=config.tensor_parallel_size,
+            dtype=config.dtype,
+            max_batch_size=config.batch_size,
+            pad_token_id=padding_token_id(tokenizer),
+            **settings,
+        )
+        with engine:
+            for name, problems in benchmarks.items():
+                if config.progress:
+                    print(f"{label} on {name} ({len(problems)} problems)", file=sys.stderr)
+                result = evaluate_multi_at_k(
+                    engine,
+                    tokenizer,
+                    env,
+                    problems,
+                    config.max_turns,
+                    max_new_tokens=config.max_new_tokens,
+                    chat_template=chat_template,
+                    model=label,
+                    benchmark=name,
+                    progress=config.progress,
+                )
+                results[name].append(result)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in results.items():
+        write_benchmark_json(rows, out_dir / f"{name}.json")
+        (out_dir / f"{name}.md").write_text(format_table(rows) + "\n", encoding="utf-8")
+        plot_multi_at_k(rows, out_dir / f"{name}.png", title=f"{name}: multi@k")
+    return results

@@ -9,9 +9,8 @@ with explicit ``--shard-rank/--shard-world`` leave their shards for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import click
 
@@ -19,29 +18,6 @@ from drift_engine.cli.options import weighting_options
 from drift_engine.errors import ConfigError
 from drift_engine.train.config import DTypeName
 from drift_engine.weighting_config import from_gamma_beta
-
-
-def parse_env_options(items: tuple[str, ...], what: str = "environment option") -> dict[str, Any]:
-    """``("low=1", "name=x")`` → ``{"low": 1, "name": "x"}`` (values parsed as JSON if they can be)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{what} {item!r} must look like KEY=VALUE.")
-        try:
-            options[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.strip()] = raw
-    return options
-
-
-def read_chat_template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read the chat template file {path!r}: {err}") from None
 
 
 def problem_options(*, env_required: bool):
@@ -132,21 +108,6 @@ def _problem_options(f, env_required: bool):
         "(repeatable; VALUE parsed as JSON when it can be).",
     )(f)
     return f
-
-
-def engine_settings(
-    max_model_len: int | None,
-    gpu_memory_utilization: float | None,
-    enforce_eager: bool | None,
-    vllm_args: tuple[str, ...],
-) -> dict[str, Any]:
-    """The engine options shared by ``rollout`` and ``eval``, as ``create_engine`` arguments."""
-    return {
-        "max_model_len": max_model_len,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        "enforce_eager": enforce_eager,
-        "vllm_args": parse_env_options(vllm_args, "--vllm-arg") or None,
-    }
 
 
 env_and_problem_options = problem_options(env_required=True)
@@ -336,6 +297,9 @@ def rollout(
     if preview is not None:
         preview_final = Path(preview) if launch.merge else shard_path(Path(preview), rank, world)
         check_output_file(preview_final, overwrite=overwrite, option="--preview")
+    from drift_engine.rollout.chat import read_chat_template
+    from drift_engine.rollout.engine import engine_settings, parse_env_options
+
     env = load_environment(env_spec, **parse_env_options(env_options))
     problem_list = load_problems(
         problems, fields=parse_field_mapping(fields), env=env, limit=limit, split=split
@@ -441,7 +405,15 @@ def _merge_only(
     from drift_engine.rollout.shards import merge_rollout_shards, problem_count, summary_lines
 
     ctx = click.get_current_context()
-    merge_options = {"shards", "merge", "out", "keep_shards", "max_shard_mb", "progress", "overwrite"}
+    merge_options = {
+        "shards",
+        "merge",
+        "out",
+        "keep_shards",
+        "max_shard_mb",
+        "progress",
+        "overwrite",
+    }
     extra = [
         "--" + name.replace("_", "-")
         for name in ctx.params

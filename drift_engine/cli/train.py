@@ -11,86 +11,19 @@ from __future__ import annotations
 
 import shlex
 import sys
-import tomllib
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from drift_engine.errors import ConfigError
-from drift_engine.fields import FLAG, HELP, field_default
-from drift_engine.train.config import (
-    TrainConfig,
-    apply_overrides,
-    field_type,
-    leaf_fields,
-    load_config,
+from drift_engine.cli.options import (
+    config_and_set_options,
+    flag_options,
+    given_flags,
+    merge_command_line,
 )
+from drift_engine.train.config import TrainConfig
 
-
-def _flag_options() -> dict[str, tuple[str, click.Option]]:
-    """{parameter name: (dotted TrainConfig key, its click option)} for every setting with
-    a flag: type, choices (a ``Literal``'s values), default and help all come from the
-    field (``drift_engine.fields.option``), so --help shows TrainConfig's defaults."""
-    options = {}
-    for key, f in leaf_fields():
-        decl = f.metadata.get(FLAG)
-        if decl is None:
-            continue
-        hint = field_type(TrainConfig, key)
-        args = [a for a in get_args(hint) if a is not type(None)]
-        if get_origin(hint) in (Union, UnionType) and len(args) == 1:
-            hint = args[0]  # X | None: the flag takes an X
-        default = field_default(f)
-        kwargs: dict[str, Any] = {
-            "help": f.metadata[HELP],
-            "default": None if default in (None, "", []) else default,
-        }
-        if "metavar" in f.metadata:
-            kwargs["metavar"] = f.metadata["metavar"]
-        if "flag_value" in f.metadata:  # the flag alone takes this value
-            kwargs.update(is_flag=False, flag_value=f.metadata["flag_value"])
-        elif hint is bool:
-            if "/" not in decl:  # --x alone switches on (--x/--no-x: both ways)
-                kwargs["is_flag"] = True
-        elif get_origin(hint) is Literal:
-            kwargs["type"] = click.Choice(get_args(hint))
-        elif get_origin(hint) is list:
-            kwargs["callback"] = _comma_list
-        elif hint in (int, float, str):
-            kwargs["type"] = hint
-        else:  # a bug in the config, not user input
-            raise TypeError(f"no command line type for {key}: {hint!r}")
-        option = click.Option([decl], **kwargs)
-        options[option.name] = (key, option)
-    return options
-
-
-def _comma_list(ctx: click.Context, param: click.Parameter, value: Any) -> list[str] | None:
-    if value is None or isinstance(value, list):
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
-_FLAGS = _flag_options()
-
-
-def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """``("optim.lr=1e-5", "optim.betas=[0.9, 0.95]")`` -> {dotted key: value}. A value is
-    read as a TOML value (number, boolean, array, quoted string) when it is one, else kept
-    as the string given (``--set data.path=r.safetensors``)."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set optim.lr=1e-5")
-        try:
-            overrides[key] = tomllib.loads(f"value = {raw}")["value"]
-        except tomllib.TOMLDecodeError:
-            overrides[key] = raw
-    return overrides
+_FLAGS = flag_options(TrainConfig)
 
 
 def build_config(
@@ -98,18 +31,7 @@ def build_config(
 ) -> TrainConfig:
     """The validated TrainConfig for a command line: TOML file first, then the ``--set``
     settings, then the flags (those given: a None value means not given)."""
-    config = load_config(config_file) if config_file else TrainConfig()
-    set_keys = parse_set_options(settings)
-    flag_keys = {_FLAGS[name][0]: value for name, value in flags.items() if value is not None}
-    twice = sorted(set(set_keys) & set(flag_keys))
-    if twice:
-        flag = next(o.opts[0] for k, o in _FLAGS.values() if k == twice[0])
-        raise ConfigError(
-            f"{twice[0]} is given twice: use {flag} or --set {twice[0]}=..., not both"
-        )
-    config = apply_overrides(config, set_keys)
-    config = apply_overrides(config, flag_keys)
-    return config.validate()
+    return merge_command_line(TrainConfig, _FLAGS, config_file, flags, settings).validate()
 
 
 def _with_flags(command: click.Command) -> click.Command:
@@ -120,20 +42,7 @@ def _with_flags(command: click.Command) -> click.Command:
 
 @_with_flags
 @click.command("train")
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(),
-    help="TOML configuration; --set and the flags below override its keys.",
-)
-@click.option(
-    "--set",
-    "settings",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Any key of the TOML configuration, e.g. --set optim.betas=[0.9,0.95] "
-    "(repeatable; VALUE read as TOML when it can be).",
-)
+@config_and_set_options("optim.betas=[0.9,0.95]")
 def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> None:
     """Importance-weighted SFT on a rollouts file (packed, fused loss).
 
@@ -146,13 +55,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> N
 
     from drift_engine.train.loop import Trainer
 
-    ctx = click.get_current_context()
-    given = {
-        name: value
-        for name, value in flags.items()
-        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
-    }
-    config = build_config(config_file, given, settings)
+    config = build_config(config_file, given_flags(flags), settings)
     argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else None
     command = shlex.join(["drift-engine", "train", *argv]) if argv is not None else None
     try:

@@ -21,10 +21,11 @@ between batch shapes).
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from drift_engine.errors import ConfigError
 
@@ -140,3 +141,32 @@ def trim_at_stop(token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> tup
         if token in stops:
             return list(token_ids[: i + 1]), True
     return list(token_ids), False
+
+
+def parse_env_options(items: tuple[str, ...], what: str = "environment option") -> dict[str, Any]:
+    """``("low=1", "name=x")`` → ``{"low": 1, "name": "x"}`` (values parsed as JSON if they can be)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r} must look like KEY=VALUE.")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw
+    return options
+
+
+def engine_settings(
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    enforce_eager: bool | None,
+    vllm_args: tuple[str, ...],
+) -> dict[str, Any]:
+    """The engine options shared by ``rollout`` and ``eval``, as ``create_engine`` arguments."""
+    return {
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
+        "vllm_args": parse_env_options(vllm_args, "--vllm-arg") or None,
+    }

@@ -407,8 +407,9 @@ def _require(value: str, key: str, message: str) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a TOML file into a TrainConfig (not yet validated: overrides may follow)."""
+def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
+    """Read a TOML file into a ``cls`` (TrainConfig unless told; not yet validated:
+    overrides may follow)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -423,15 +424,16 @@ def load_config(path: str | Path) -> TrainConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    return config_from_dict(raw, source=str(path))
+    return config_from_dict(raw, source=str(path), cls=cls)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a TrainConfig from nested plain values, rejecting unknown keys and bad types."""
-    return _build(TrainConfig, raw, prefix="", source=source)
+def config_from_dict(raw: dict[str, Any], source: str = "config", cls: type = TrainConfig) -> Any:
+    """Build a ``cls`` (TrainConfig unless told) from nested plain values, rejecting unknown
+    keys and bad types."""
+    return _build(cls, raw, prefix="", source=source)
 
 
-def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of ``config`` with dotted keys replaced, e.g. {"optim.lr": 1e-5}.
 
     None values are skipped (a command line flag that was not given)."""
@@ -452,8 +454,8 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
     return config
 
 
-def _deepcopy(config: TrainConfig) -> TrainConfig:
-    return config_from_dict(config.to_dict())
+def _deepcopy(config: Any) -> Any:
+    return config_from_dict(dataclasses.asdict(config), cls=type(config))
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
