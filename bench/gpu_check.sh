@@ -13,7 +13,8 @@
 #      preset's token-chunk and log-prob rows with one chunk of all rows;
 #   5. a profile of the eager step;
 #   6. training throughput with trajectories up to 3072 tokens (the reference's padded
-#      fp32 logits may run out of memory: then only the trainer is reported).
+#      fp32 logits may run out of memory: then only the trainer is reported);
+#   7. rollout throughput, the HF engine (and vLLM when the image has it).
 # Most important first: a session short of time still gets the earlier steps.
 # Everything (logs, JSON, markdown) goes to $OUT, default bench/results/gpu-<UTC date>.
 # A failing step is logged and the next one still runs; the exit status is the number of
@@ -150,6 +151,14 @@ profile eager 120
 
 # ---------------------------------------------------------------- 6. longer trajectories
 throughput train-throughput-3072 150 --max-tokens 3072
+
+# ---------------------------------------------------------------- 7. rollout throughput
+engines=hf
+python -c "import vllm" 2>/dev/null && engines=vllm,hf
+step rollout-throughput 150 "$OUT/rollout-throughput.log" \
+    python bench/rollout_throughput.py --preset gpu --engines "$engines" \
+    --json "$OUT/rollout-throughput.json"
+{ echo "## rollout throughput ($engines)"; echo '```'; tail -n 12 "$OUT/rollout-throughput.log" 2>/dev/null; echo '```'; } >>"$SUMMARY"
 
 { echo "## steps"; echo '```'; cat "$OUT/steps.log"; echo '```'; } >>"$SUMMARY"
 log "done: $FAILED failed step(s); results in $OUT"
