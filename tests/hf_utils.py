@@ -22,22 +22,26 @@ SMALL = dict(
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2")
 
 
-def make_config(kind: str):
+def make_config(kind: str, **overrides):
+    """A tiny config of architecture ``kind`` (SMALL's sizes; ``overrides`` replace them)."""
     import transformers
 
+    sizes = {**SMALL, **overrides}
     if kind == "llama":
-        return transformers.LlamaConfig(**SMALL)
+        return transformers.LlamaConfig(**sizes)
     if kind == "qwen2":
-        return transformers.Qwen2Config(**SMALL)
+        return transformers.Qwen2Config(**sizes)
     if kind == "mistral":  # sliding window shorter than most rows
-        return transformers.MistralConfig(**SMALL, sliding_window=4)
-    if kind == "gemma2":  # attention + final logit softcap, tied head
+        return transformers.MistralConfig(**{"sliding_window": 4, **sizes})
+    if kind == "gemma2":  # attention + final logit softcap, alternating sliding layers, tied head
         return transformers.Gemma2Config(
-            **SMALL,
-            sliding_window=5,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=3.0,
-            query_pre_attn_scalar=8,
+            **{
+                "sliding_window": 5,
+                "attn_logit_softcapping": 5.0,
+                "final_logit_softcapping": 3.0,
+                "query_pre_attn_scalar": 8,
+                **sizes,
+            }
         )
     raise ValueError(kind)
 

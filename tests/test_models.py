@@ -2,6 +2,7 @@
 
 import copy
 
+import hf_utils
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,37 +22,10 @@ from drift_engine.models import (
 
 VOCAB = 101
 LENGTHS = [6, 11, 3, 9]
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-)
 
 
 def make_config(kind, **overrides):
-    import transformers
-
-    if kind == "llama":
-        return transformers.LlamaConfig(**SMALL, **overrides)
-    if kind == "qwen2":
-        return transformers.Qwen2Config(**SMALL, **overrides)
-    if kind == "mistral":  # sliding window shorter than most trajectories
-        return transformers.MistralConfig(**SMALL, sliding_window=4, **overrides)
-    if kind == "gemma2":  # attention + final softcap, alternating sliding layers, tied head
-        return transformers.Gemma2Config(
-            **SMALL,
-            sliding_window=5,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=3.0,
-            query_pre_attn_scalar=8,
-            **overrides,
-        )
-    raise ValueError(kind)
+    return hf_utils.make_config(kind, vocab_size=VOCAB, **overrides)
 
 
 def model_pair(config):

@@ -256,7 +256,7 @@ def collect_trajectories(
             )
 
     report = TemplateReport()
-    bar = progress if not isinstance(progress, bool) else _progress_bar(len(trajectories), progress)
+    bar = progress if not isinstance(progress, bool) else progress_bar(len(trajectories), progress)
     active = list(trajectories)
     for turn in range(1, max_turns + 1):
         if not active:
@@ -402,7 +402,8 @@ def context_limit_summary(text: str) -> str | None:
     )
 
 
-def _progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
+    """The rollout's progress bar (one tick per finished trajectory)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="traj", desc="rollout", disable=not enabled, smoothing=0.1)

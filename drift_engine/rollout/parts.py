@@ -40,6 +40,7 @@ from drift_engine.rollout.loop import (
     META_SHARD,
     collect_trajectories,
     problems_fingerprint,
+    progress_bar,
     shard_range,
     to_rollout_set,
     validate_problems,
@@ -159,7 +160,7 @@ def collect_in_parts(
             "prompts) were sampled by an earlier run with these settings; sampling the rest"
         )
     todo = [k for k in range(count) if k not in done]
-    bar = _bar(sum(len(ranges[k]) for k in todo) * n, progress)
+    bar = progress_bar(sum(len(ranges[k]) for k in todo) * n, progress)
     try:
         for k in todo:
             part_run = collect_trajectories(
@@ -230,9 +231,3 @@ def _prepare(folder: Path, run: dict[str, Any], overwrite: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not record.is_file():
         write_text_atomic(record, json.dumps(run, indent=2, sort_keys=True) + "\n")
-
-
-def _bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="traj", desc="rollout", disable=not enabled, smoothing=0.1)
