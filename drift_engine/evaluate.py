@@ -20,7 +20,7 @@ from drift_engine.envs.base import Problem
 from drift_engine.errors import ConfigError
 from drift_engine.evaluate_config import EvalConfig
 from drift_engine.rollout.engine import Engine, SamplingParams
-from drift_engine.rollout.loop import collect_trajectories
+from drift_engine.rollout.loop import RolloutRun, collect_trajectories
 
 
 @dataclass
@@ -87,6 +87,35 @@ def evaluate_multi_at_k(
     benchmark: str = "",
 ) -> MultiAtKResult:
     """Greedy multi-turn episodes (one per problem) and their multi@1..K."""
+    result, _ = evaluate_episodes(
+        engine,
+        tokenizer,
+        env,
+        problems,
+        max_turns,
+        max_new_tokens=max_new_tokens,
+        chat_template=chat_template,
+        progress=progress,
+        model=model,
+        benchmark=benchmark,
+    )
+    return result
+
+
+def evaluate_episodes(
+    engine: Engine,
+    tokenizer: Any,
+    env: Environment,
+    problems: Sequence[Problem],
+    max_turns: int,
+    *,
+    max_new_tokens: int = 512,
+    chat_template: str | None = None,
+    progress: bool = False,
+    model: str = "",
+    benchmark: str = "",
+) -> tuple[MultiAtKResult, RolloutRun]:
+    """:func:`evaluate_multi_at_k`, and the episodes themselves (e.g. for a preview)."""
     run = collect_trajectories(
         engine,
         tokenizer,
@@ -104,7 +133,7 @@ def evaluate_multi_at_k(
         first, max_turns, model=model, benchmark=benchmark, env=environment_spec(env)
     )
     result.scoring_errors = sum(len(t.scoring_errors) for t in run.trajectories)
-    return result
+    return result, run
 
 
 def format_table(results: Sequence[MultiAtKResult]) -> str:

@@ -271,29 +271,19 @@ class _Engines:
 
 def _greedy_eval(engine, tokenizer, env, problems, config: RecipeConfig, label: str, out: Path):
     """multi@1..K of one policy (greedy), and its episodes as a preview JSONL."""
-    from drift_engine.envs import environment_spec
-    from drift_engine.evaluate import MultiAtKResult
-    from drift_engine.rollout import SamplingParams, collect_trajectories, write_preview
+    from drift_engine.evaluate import evaluate_episodes
+    from drift_engine.rollout import write_preview
 
-    run = collect_trajectories(
+    result, run = evaluate_episodes(
         engine,
         tokenizer,
         env,
         problems,
-        n=1,
-        max_turns=config.max_turns,
-        sampling=SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens),
-        seed=0,
-        progress=False,
-    )
-    result = MultiAtKResult.from_first_correct(
-        [t.first_correct_turn for t in run.trajectories],
         config.max_turns,
+        max_new_tokens=config.max_new_tokens,
         model=label,
         benchmark=f"{len(problems)} held-out problems",
-        env=environment_spec(env),
     )
-    result.scoring_errors = sum(len(t.scoring_errors) for t in run.trajectories)
     write_preview(run, out.with_suffix(".episodes.jsonl"))
     generated = sum(len([i for i in t.turn_ids if i]) for t in run.trajectories)
     return result, generated
