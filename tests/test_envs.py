@@ -9,7 +9,7 @@ import pytest
 from drift_engine.envs import DEFAULT_FEEDBACK, Environment, load_environment, load_problems
 from drift_engine.envs.choice import ChoiceEnv, extract_choice
 from drift_engine.envs.math import MathEnv, extract_math_answer, math_equal, normalize_math_answer
-from drift_engine.errors import EnvironmentSpecError
+from drift_engine.errors import ConfigError, EnvironmentSpecError
 
 # ---- math -------------------------------------------------------------------------------
 
@@ -472,19 +472,28 @@ def test_word_problems_are_deterministic_and_shipped_as_generated(tmp_path):
     small = {"train": 30, "heldout": 10}
     assert generate_splits(3, small) == generate_splits(3, small)
     assert generate_splits(3, small) != generate_splits(4, small)
+    assert generate_splits(3, small, "easy") != generate_splits(3, small)
     # The shipped files are exactly what the documented command writes.
-    for written in write_splits(tmp_path):
-        split = written.stem.removeprefix("arithmetic-")
-        assert written.read_bytes() == shipped_problems(split).read_bytes()
+    written = write_splits(tmp_path)
+    assert len(written) == 4
+    for path in written:
+        level = "easy" if "-easy-" in path.name else "standard"
+        split = path.stem.rsplit("-", 1)[-1]
+        assert path.read_bytes() == shipped_problems(split, level).read_bytes()
+    with pytest.raises(ConfigError, match="level must be one of standard, easy"):
+        generate_splits(level="hard")
 
 
-def test_word_problem_answers_are_right():
+@pytest.mark.parametrize("level", ["standard", "easy"])
+def test_word_problem_answers_are_right(level):
     import re
 
     from drift_engine.envs.word_problems import shipped_problems
 
     env = MathEnv()
-    splits = {s: load_problems(shipped_problems(s), env=env) for s in ("train", "heldout")}
+    splits = {
+        s: load_problems(shipped_problems(s, level), env=env) for s in ("train", "heldout")
+    }
     assert [len(p) for p in splits.values()] == [1000, 400]
     questions = [{p["question"] for p in problems} for problems in splits.values()]
     assert not questions[0] & questions[1] and len(questions[0]) == 1000
@@ -501,10 +510,46 @@ def test_word_problem_answers_are_right():
             operand_counts.add(len(numbers))
             operators |= set(re.findall(r"[+\-*]", expression))
             templates.add(p["template"])
-    assert operand_counts == {2, 3} and operators == {"+", "-", "*"} and len(templates) == 10
+    assert operand_counts == {2, 3} and operators == {"+", "-", "*"}
+    assert len(templates) == (10 if level == "standard" else 5)
+    if level == "easy":
+        assert all(len(n) == 1 for p in splits["train"] for n in re.findall(r"\d+", p["expression"]))
     for p in splits["heldout"][:20]:
         assert env.step(p, f"so \\boxed{{{p['answer']}}}", 1).correct
         assert not env.step(p, f"<answer>{int(p['answer']) + 1}</answer>", 1).correct
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Ben has 6 + 2 = 8 apples.", "8"),
+        ("The answer is 2.", "2"),
+        ("She pays 1,250 dollars in total", "1250"),
+        ("x = -3", "-3"),
+        ("2.5 kg, then 7", "7"),
+        ("it costs 2.50.", "2.50"),
+        ("no digits here", None),
+        ("item a3 only", None),
+    ],
+)
+def test_last_number(text, expected):
+    from drift_engine.envs.math import last_number
+
+    assert last_number(text) == expected
+
+
+def test_last_number_fallback_scores_prose_answers_only_when_asked():
+    problem = {"question": "6 + 2?", "answer": "8"}
+    prose = "Ben has 6 + 2 = 8 apples."
+    assert not MathEnv().step(problem, prose, 1).correct
+    lenient = MathEnv(last_number_fallback=True)
+    assert lenient.step(problem, prose, 1).correct
+    assert lenient.config()["last_number_fallback"] is True
+    # A marked answer still wins over the prose around it.
+    assert not lenient.step(problem, "\\boxed{7}, not 8", 1).correct
+    assert not lenient.step(problem, "8 apples? No: 9", 1).correct
+    with pytest.raises(EnvironmentSpecError, match="last_number_fallback"):
+        MathEnv(last_number_fallback="yes")
 
 
 @pytest.mark.parametrize(

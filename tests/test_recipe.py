@@ -135,14 +135,40 @@ def test_summary_statistics():
 
 def test_bad_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="methods"):
-        RecipeConfig(methods=("drift", "ppo"))
+        RecipeConfig(methods=["drift", "ppo"]).validate()
     with pytest.raises(ConfigError, match="seeds"):
-        RecipeConfig(seeds=(0, 0))
+        RecipeConfig(seeds=[0, 0]).validate()
     with pytest.raises(ConfigError, match="beta"):
-        RecipeConfig(beta=0.0)
+        RecipeConfig(beta=0.0).validate()
     (tmp_path / "x").write_text("not a recipe")
     result = CliRunner().invoke(cli, ["recipe", "--out", str(tmp_path), "--engine", "hf"])
     assert result.exit_code == 2 and "not a recipe folder" in result.output
+    for args, message in [
+        (["--seeds", "0,x"], "--seeds takes comma-separated int values, got '0,x'"),
+        (["--seeds", "1,1"], "seeds must be distinct integers >= 0, got [1, 1]"),
+        (["--methods", "drift,ppo"], "methods must be some of drift, rejection, sft"),
+        (["--set", "steps=0"], "steps must be >= 1, got 0"),
+        (["--level", "hard"], "'hard' is not one of 'standard', 'easy'"),
+    ]:
+        result = CliRunner().invoke(cli, ["recipe", "--out", str(tmp_path / "new"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "new").exists()
+
+
+def test_recipe_config_file_and_defaults(tmp_path):
+    """The TOML file sets any field, flags override it; the math environment gets the
+    recipe's settings unless --env-opt is given."""
+    from drift_engine.cli.recipe import _FLAGS
+    from drift_engine.cli.options import merge_command_line
+
+    toml = tmp_path / "recipe.toml"
+    toml.write_text('steps = 30\nseeds = [4, 5]\nlevel = "standard"\n')
+    config = merge_command_line(RecipeConfig, _FLAGS, str(toml), {"seeds": [7]}).validate()
+    assert (config.steps, config.seeds, config.level) == (30, [7], "standard")
+    env = RecipeConfig().environment()
+    assert env.prompt_template == "{question}" and env.last_number_fallback
+    env = RecipeConfig(env_options=["feedback=Wrong."]).environment()
+    assert env.feedback == "Wrong." and not env.last_number_fallback
 
 
 def test_default_model_is_read_out_of_its_wheel(tmp_path, monkeypatch):

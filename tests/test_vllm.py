@@ -264,6 +264,27 @@ def test_torchrun_ranks_bind_their_own_cores(monkeypatch):
     assert bind_torchrun_rank_cores(1) == "0-1"
 
 
+def test_small_machines_give_vllm_the_reserved_core(monkeypatch):
+    from drift_engine.rollout.vllm import FEW_CORES, use_reserved_core
+
+    for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(FEW_CORES + 1)))
+    use_reserved_core()
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # a larger machine: vLLM's way
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's binding is kept
+    use_reserved_core()
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    use_reserved_core()
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # the user's own is kept
+    use_reserved_core()
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+
+
 def test_vllm_only_options_refused_with_the_hf_engine(checkpoint, tmp_path):
     result = CliRunner().invoke(
         cli,

@@ -82,7 +82,9 @@ def flag_options(cls: type) -> dict[str, tuple[str, click.Option]]:
         elif get_origin(hint) is list and f.metadata.get("multiple"):
             kwargs["type"] = str
         elif get_origin(hint) is list:
-            kwargs["callback"] = _comma_list
+            kwargs.update(type=str, callback=_comma_list(*get_args(hint)))
+            if default:
+                kwargs["default"] = ",".join(str(item) for item in default)
         elif hint in (int, float, str):
             kwargs["type"] = hint
         else:  # a bug in the config, not user input
@@ -92,10 +94,21 @@ def flag_options(cls: type) -> dict[str, tuple[str, click.Option]]:
     return options
 
 
-def _comma_list(ctx: click.Context, param: click.Parameter, value: Any) -> list[str] | None:
-    if value is None or isinstance(value, list):
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
+def _comma_list(kind: type = str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """The callback of a flag that takes a comma list of ``kind`` items (str or int)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: Any) -> list[Any] | None:
+        if value is None or isinstance(value, list):
+            return value
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        try:
+            return [kind(item) for item in items]
+        except ValueError:
+            raise ConfigError(
+                f"{param.opts[0]} takes comma-separated {kind.__name__} values, got {value!r}"
+            ) from None
+
+    return parse
 
 
 def given_flags(flags: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The ``math`` environment: a final answer in ``<answer>…</answer>`` or ``\\boxed{…}``.
+"""The ``math`` environment: a final answer in ``<answer>…</answer>`` or ``\\boxed{…}``
+(or, with ``last_number_fallback``, the response's last number when it has neither).
 
 An answer is correct when it is equivalent to the reference by, in order:
 
@@ -124,6 +125,18 @@ def extract_math_answer(text: str) -> str | None:
         return None
     answer = max(candidates, key=lambda c: c[0])[1].strip()
     return answer or None
+
+
+# A number as written in prose: "-3", "1,250", "2.5" (a sentence's full stop is not a decimal).
+_PROSE_NUMBER = re.compile(r"(?<![\w.])[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.])[-+]?\d+(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` ("... so she has 1,250 apples." -> "1250"), or
+    None: the "flexible extract" of GSM8K evaluations, for models that do not mark their
+    final answer."""
+    numbers = _PROSE_NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 # ------------------------------------------------------------------------- normalisation
@@ -463,7 +476,10 @@ class MathEnv(Environment):
     """Free-form math answers checked against ``problem["answer"]``.
 
     Problem fields: ``question`` (str), ``answer`` (str or number; a ``\\boxed{}`` in it is
-    unwrapped, so a full reference solution works too).
+    unwrapped, so a full reference solution works too). With ``last_number_fallback`` a
+    response with neither ``<answer>`` nor ``\\boxed`` is scored by its last number
+    (:func:`last_number`): small models that answer in prose are then scored on their
+    arithmetic, not on the format.
     """
 
     name = "math"
@@ -477,6 +493,7 @@ class MathEnv(Environment):
         feedback: str = DEFAULT_FEEDBACK,
         use_math_verify: bool | None = None,
         sympy_timeout: float = 2.0,
+        last_number_fallback: bool = False,
     ) -> None:
         check_option_types(
             "math",
@@ -484,6 +501,7 @@ class MathEnv(Environment):
             system_prompt=(system_prompt, (str, type(None))),
             feedback=(feedback, str),
             use_math_verify=(use_math_verify, (bool, type(None))),
+            last_number_fallback=(last_number_fallback, bool),
         )
         if (
             isinstance(sympy_timeout, bool)
@@ -508,6 +526,7 @@ class MathEnv(Environment):
             math_verify_available() if use_math_verify is None else bool(use_math_verify)
         )
         self.sympy_timeout = float(sympy_timeout)
+        self.last_number_fallback = last_number_fallback
 
     def initial_messages(self, problem: Problem) -> list[Message]:
         messages: list[Message] = []
@@ -537,6 +556,8 @@ class MathEnv(Environment):
 
     def _step(self, problem: Problem, answer: str) -> StepResult:
         parsed = extract_math_answer(answer)
+        if parsed is None and self.last_number_fallback:
+            parsed = last_number(answer)
         if parsed is None or not normalize_math_answer(parsed):
             return StepResult(0.0, False, self.feedback, None, False)
         correct = math_equal(
@@ -560,4 +581,5 @@ class MathEnv(Environment):
             "feedback": self.feedback,
             "use_math_verify": self.use_math_verify,
             "sympy_timeout": self.sympy_timeout,
+            "last_number_fallback": self.last_number_fallback,
         }

@@ -1,22 +1,28 @@
 """Seeded arithmetic word problems with integer answers, for the ``math`` environment.
 
-Ten templates, with two or three operands and the operations + − ×, every answer a
-non-negative integer (operands before a plural noun are at least 2). Each problem is a ``math`` problem (``question``, ``answer``) with
-``id``, ``template`` and ``expression`` (the arithmetic the question asks for, e.g.
-``"(7 + 5) * 3"``) kept alongside. The package ships a train and a held-out split, disjoint in
-their questions, regenerated with::
+Two levels. ``standard``: ten templates, with two or three operands and the operations
++ − ×, operands up to 150 (operands before a plural noun are at least 2). ``easy``: five of
+those templates with one-digit operands (sums and products of small numbers, a first
+step for models of ~100M parameters). Every answer is a non-negative integer. Each problem
+is a ``math`` problem (``question``, ``answer``) with ``id``, ``template`` and
+``expression`` (the arithmetic the question asks for, e.g. ``"(7 + 5) * 3"``) kept
+alongside. The package ships a train and a held-out split of each level, disjoint in their
+questions (at the easy level the arithmetic itself repeats: there are few one-digit sums),
+regenerated with::
 
     python -m drift_engine.envs.word_problems --out-dir drift_engine/envs/data
 
-(seed 0, 1000 train and 400 held-out problems; ``arithmetic-train.jsonl`` and
-``arithmetic-heldout.jsonl``). ``shipped_problems("train")`` is the path of a shipped split,
-ready for ``--env math --problems PATH``.
+(seed 0, 1000 train and 400 held-out problems per level; ``arithmetic-train.jsonl``,
+``arithmetic-heldout.jsonl``, ``arithmetic-easy-train.jsonl``,
+``arithmetic-easy-heldout.jsonl``). ``shipped_problems("train", level="easy")`` is the path of
+a shipped split, ready for ``--env math --problems PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import operator
 import random
@@ -24,11 +30,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from drift_engine.errors import ConfigError
 
 DATA_DIR = Path(__file__).parent / "data"
 SPLITS = ("train", "heldout")
+ProblemLevel = Literal["standard", "easy"]
+LEVELS: tuple[str, ...] = get_args(ProblemLevel)
 DEFAULT_SEED = 0
 DEFAULT_SIZES = {"train": 1000, "heldout": 400}
 
@@ -147,6 +156,36 @@ TEMPLATES = (
 )
 
 
+
+def _one_digit(count: int, low: int = 1) -> Callable[[random.Random], tuple[int, ...]]:
+    return lambda rng: tuple(rng.randint(low, 9) for _ in range(count))
+
+
+def _draw_easy_sub2(rng: random.Random) -> tuple[int, ...]:
+    a = rng.randint(2, 9)
+    return a, rng.randint(1, a - 1)
+
+
+def _draw_easy_add_sub3(rng: random.Random) -> tuple[int, ...]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return a, b, rng.randint(1, min(9, a + b))
+
+
+_EASY_DRAWS = {
+    "add2": _one_digit(2, low=2),
+    "sub2": _draw_easy_sub2,
+    "mul2": _one_digit(2, low=2),
+    "add3": _one_digit(3),
+    "add_sub3": _draw_easy_add_sub3,
+}
+LEVEL_TEMPLATES = {
+    "standard": TEMPLATES,
+    "easy": tuple(
+        dataclasses.replace(t, draw=_EASY_DRAWS[t.name]) for t in TEMPLATES if t.name in _EASY_DRAWS
+    ),
+}
+
+
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 
@@ -177,10 +216,12 @@ def make_problem(template: Template, rng: random.Random) -> dict[str, str]:
 
 
 def generate_splits(
-    seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None
+    seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None, level: str = "standard"
 ) -> dict[str, list[dict[str, str]]]:
-    """Problems of each split, from one seeded stream: templates in turn, every question
-    distinct (so the splits share none), then shuffled and cut into the splits in order."""
+    """Problems of each split, from one seeded stream: the level's templates in turn, every
+    question distinct (so the splits share none), then shuffled and cut into the splits in
+    order."""
+    templates = _level_templates(level)
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     if any(not isinstance(n, int) or n < 1 for n in sizes.values()):
         raise ConfigError(f"split sizes must be positive integers, got {sizes}")
@@ -193,7 +234,7 @@ def generate_splits(
         attempts += 1
         if attempts > 50 * total:
             raise ConfigError(f"cannot draw {total} distinct problems; ask for fewer")
-        problem = make_problem(TEMPLATES[len(pool) % len(TEMPLATES)], rng)
+        problem = make_problem(templates[len(pool) % len(templates)], rng)
         if problem["question"] not in seen:
             seen.add(problem["question"])
             pool.append(problem)
@@ -201,25 +242,51 @@ def generate_splits(
     splits, start = {}, 0
     for split, n in sizes.items():
         splits[split] = [
-            {"id": f"arith-{split}-{i:05d}", **p} for i, p in enumerate(pool[start : start + n])
+            {"id": f"{_ID_PREFIX[level]}-{split}-{i:05d}", **p}
+            for i, p in enumerate(pool[start : start + n])
         ]
         start += n
     return splits
 
 
-def split_path(out_dir: str | Path, split: str) -> Path:
-    return Path(out_dir) / f"arithmetic-{split}.jsonl"
+_ID_PREFIX = {"standard": "arith", "easy": "arith-easy"}
+
+
+def _level_templates(level: str) -> tuple[Template, ...]:
+    if level not in LEVEL_TEMPLATES:
+        raise ConfigError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    return LEVEL_TEMPLATES[level]
+
+
+def _stem(level: str) -> str:
+    return "arithmetic" if level == "standard" else f"arithmetic-{level}"
+
+
+def split_path(out_dir: str | Path, split: str, level: str = "standard") -> Path:
+    _level_templates(level)
+    return Path(out_dir) / f"{_stem(level)}-{split}.jsonl"
 
 
 def write_splits(
-    out_dir: str | Path, seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None
+    out_dir: str | Path,
+    seed: int = DEFAULT_SEED,
+    sizes: dict[str, int] | None = None,
+    levels: tuple[str, ...] = LEVELS,
 ) -> list[Path]:
-    """Write each split as JSONL (one problem per line, keys sorted) into ``out_dir``."""
+    """Write each split of each level as JSONL (one problem per line, keys sorted) into
+    ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for split, problems in generate_splits(seed, sizes).items():
-        path = split_path(out_dir, split)
+    for level in levels:
+        written += _write_level(out_dir, seed, sizes, level)
+    return written
+
+
+def _write_level(out_dir: Path, seed: int, sizes: dict[str, int] | None, level: str) -> list[Path]:
+    written = []
+    for split, problems in generate_splits(seed, sizes, level).items():
+        path = split_path(out_dir, split, level)
         path.write_text(
             "".join(json.dumps(p, sort_keys=True) + "\n" for p in problems), encoding="utf-8"
         )
@@ -227,11 +294,12 @@ def write_splits(
     return written
 
 
-def shipped_problems(split: str = "train") -> Path:
-    """Path of the shipped ``train`` or ``heldout`` split (seed 0, default sizes)."""
+def shipped_problems(split: str = "train", level: str = "standard") -> Path:
+    """Path of the shipped ``train`` or ``heldout`` split of ``level`` (seed 0, default
+    sizes)."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-    return split_path(DATA_DIR, split)
+    return split_path(DATA_DIR, split, level)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,10 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--train", type=int, default=DEFAULT_SIZES["train"])
     parser.add_argument("--heldout", type=int, default=DEFAULT_SIZES["heldout"])
+    parser.add_argument("--level", choices=LEVELS, action="append",
+                        help="Level to write (repeatable; default: every level).")  # fmt: skip
     args = parser.parse_args(argv)
-    for path in write_splits(
-        args.out_dir, args.seed, {"train": args.train, "heldout": args.heldout}
-    ):
+    sizes = {"train": args.train, "heldout": args.heldout}
+    for path in write_splits(args.out_dir, args.seed, sizes, tuple(args.level or LEVELS)):
         print(f"wrote {path}")
 
 
