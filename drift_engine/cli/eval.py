@@ -28,14 +28,6 @@ from drift_engine.evaluate_config import EvalConfig
 _FLAGS = flag_options(EvalConfig)
 
 
-def build_eval_config(
-    config_file: str | None, flags: dict[str, Any], settings: tuple[str, ...] | list[str] = ()
-) -> EvalConfig:
-    """The validated EvalConfig of a command line (TOML file, then --set, then the flags
-    given); a required setting that none of them gives is click's missing option."""
-    return config_of_command_line(EvalConfig, _FLAGS, config_file, flags, settings)
-
-
 @with_flags(_FLAGS)
 @click.command("eval")
 @config_and_set_options("max_turns=3")
@@ -49,7 +41,7 @@ def eval_command(config_file: str | None, settings: tuple[str, ...], **flags: An
     """
     from drift_engine.evaluate import format_table, run_eval
 
-    config = build_eval_config(config_file, given_flags(flags), settings)
+    config = config_of_command_line(EvalConfig, _FLAGS, config_file, given_flags(flags), settings)
     results = run_eval(config)
     for name, rows in results.items():
         click.echo(f"\n{name} ({rows[0].num_problems} problems)\n{format_table(rows)}")

@@ -16,7 +16,6 @@ from drift_engine.fields import (
     FLAG,
     HELP,
     apply_overrides,
-    check_fields,
     check_value,
     field_default,
     field_type,
@@ -139,7 +138,7 @@ def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return overrides
 
 
-def merge_command_line(
+def config_of_command_line(
     cls: type,
     options: dict[str, tuple[str, click.Option]],
     config_file: str | None,
@@ -147,10 +146,11 @@ def merge_command_line(
     settings: tuple[str, ...] | list[str] = (),
     arguments: dict[str, Any] | None = None,
 ) -> Any:
-    """A ``cls`` (not yet validated) from a command line: defaults, then the TOML file,
-    then the ``--set`` settings, then the flags given (a None value means not given) and
-    ``arguments`` ({key: value} of the command's positional arguments given). A key set
-    both by --set and by its flag is refused."""
+    """The validated ``cls`` of a command line: defaults, then the TOML file, then the
+    ``--set`` settings, then the flags given (a None value means not given) and
+    ``arguments`` ({key: value} of the command's positional arguments given). A key set both
+    by --set and by its flag is refused; a required setting that none of them gives
+    (``cls.missing()``, where the class has it: a list of keys) is click's missing option."""
     config = load_config(config_file, cls) if config_file else cls()
     set_keys = parse_set_options(settings)
     flag_keys = {options[name][0]: value for name, value in flags.items() if value is not None}
@@ -161,23 +161,8 @@ def merge_command_line(
             f"{twice[0]} is given twice: use {flag} or --set {twice[0]}=..., not both"
         )
     config = apply_overrides(config, set_keys)
-    return apply_overrides(config, {**flag_keys, **(arguments or {})})
-
-
-def config_of_command_line(
-    cls: type,
-    options: dict[str, tuple[str, click.Option]],
-    config_file: str | None,
-    flags: dict[str, Any],
-    settings: tuple[str, ...] | list[str] = (),
-    arguments: dict[str, Any] | None = None,
-) -> Any:
-    """The validated ``cls`` of a command line (``merge_command_line``): each field's own
-    check first, then a required setting that neither the file, --set nor a flag gives
-    (``cls.missing()``, a list of keys) is click's missing option, then ``validate()``."""
-    config = merge_command_line(cls, options, config_file, flags, settings, arguments)
-    check_fields(config)
-    missing = config.missing()
+    config = apply_overrides(config, {**flag_keys, **(arguments or {})})
+    missing = config.missing() if hasattr(config, "missing") else []
     if missing:
         option = next(o for k, o in options.values() if k == missing[0])
         raise click.MissingParameter(ctx=click.get_current_context(silent=True), param=option)

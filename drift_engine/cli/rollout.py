@@ -25,18 +25,6 @@ from drift_engine.rollout_config import RolloutConfig
 _FLAGS = flag_options(RolloutConfig)
 
 
-def build_rollout_config(
-    config_file: str | None,
-    flags: dict[str, Any],
-    settings: tuple[str, ...] | list[str] = (),
-    shards: tuple[str, ...] | list[str] = (),
-) -> RolloutConfig:
-    """The validated RolloutConfig of a command line (TOML file, then --set, then the flags
-    and shard files given)."""
-    arguments = {"shards": list(shards)} if shards else None
-    return config_of_command_line(RolloutConfig, _FLAGS, config_file, flags, settings, arguments)
-
-
 @with_flags(_FLAGS)
 @click.command("rollout")
 @click.argument("shards", nargs=-1, type=click.Path())
@@ -53,7 +41,10 @@ def rollout(
     drift-engine rollout --model ref/ --env math --problems train.jsonl --out r.safetensors
     drift-engine rollout --config rollout.toml --set temperature=0.8
     """
-    config = build_rollout_config(config_file, given_flags(flags), settings, shards)
+    arguments = {"shards": list(shards)} if shards else None
+    config = config_of_command_line(
+        RolloutConfig, _FLAGS, config_file, given_flags(flags), settings, arguments
+    )
     from drift_engine.rollout.run import run_rollout
 
     run_rollout(config, echo=click.echo, log=lambda line: click.echo(line, err=True))
