@@ -223,6 +223,7 @@ class RolloutConfig(EnvEngineConfig):
         help="Progress bar of the sampling (--quiet: --no-progress).",
         flag=("--progress/--no-progress", " /--quiet"),
     )
+
     @property
     def max_shard_bytes(self) -> int | None:
         return None if self.max_shard_mb is None else int(self.max_shard_mb * 1024 * 1024)
