@@ -137,6 +137,9 @@ MERGE_KEYS = ("shards", "merge", "out", "overwrite", "keep_shards", "max_shard_m
 
 @dataclass
 class RolloutConfig(EnvEngineConfig):
+    """A rollout run: sampling (``model``, ``problems``, ``env`` required) or, with
+    ``merge``, merging the shard files of a sharded run (only ``MERGE_KEYS`` taken)."""
+
     merge: bool = option(
         False,
         help="Merge the SHARDS of a sharded run into --out instead of sampling.",
