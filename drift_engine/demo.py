@@ -38,6 +38,7 @@ from drift_engine.envs.guess import (
     scripted_guess,
 )
 from drift_engine.errors import ConfigError
+from drift_engine.kernels.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from drift_engine.evaluate import MultiAtKResult
@@ -200,14 +201,14 @@ def new_toy_model(config: ToyModelConfig, tokenizer):
 def _padded_batch(rows: list[tuple[list[int], list[bool]]], pad_id: int):
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, L)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)  # (B, L)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L)
     for row, (ids, trained) in enumerate(rows):
         n = len(ids)
         input_ids[row, :n] = torch.tensor(ids)
         attention_mask[row, :n] = 1
         # HF shifts labels inside the model: labels[t] is the target of position t-1.
-        labels[row, :n] = torch.where(torch.tensor(trained), torch.tensor(ids), -100)
+        labels[row, :n] = torch.where(torch.tensor(trained), torch.tensor(ids), IGNORE_INDEX)
     return input_ids, attention_mask, labels
 
 
@@ -242,7 +243,7 @@ def pretrain_toy_model(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            trained_tokens = int((labels[:, 1:] != -100).sum())
+            trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
             loss_sum += loss.item() * trained_tokens
             token_sum += trained_tokens
         epoch_loss = loss_sum / max(token_sum, 1)

@@ -18,34 +18,17 @@ import click
 
 from drift_engine.cli.options import (
     config_and_set_options,
+    config_of_command_line,
     flag_options,
     given_flags,
-    merge_command_line,
+    with_flags,
 )
 from drift_engine.evaluate_config import EvalConfig
 
 _FLAGS = flag_options(EvalConfig)
 
 
-def build_eval_config(
-    config_file: str | None, flags: dict[str, Any], settings: tuple[str, ...] | list[str] = ()
-) -> EvalConfig:
-    """The EvalConfig of a command line (TOML file, then --set, then the flags given); a
-    required setting that none of them gives is click's missing option."""
-    config = merge_command_line(EvalConfig, _FLAGS, config_file, flags, settings)
-    missing = config.missing()
-    if missing:
-        option = next(o for k, o in _FLAGS.values() if k == missing[0])
-        raise click.MissingParameter(ctx=click.get_current_context(silent=True), param=option)
-    return config.validate()
-
-
-def _with_flags(command: click.Command) -> click.Command:
-    command.params.extend(option for _, option in _FLAGS.values())
-    return command
-
-
-@_with_flags
+@with_flags(_FLAGS)
 @click.command("eval")
 @config_and_set_options("max_turns=3")
 def eval_command(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> None:
@@ -58,7 +41,7 @@ def eval_command(config_file: str | None, settings: tuple[str, ...], **flags: An
     """
     from drift_engine.evaluate import format_table, run_eval
 
-    config = build_eval_config(config_file, given_flags(flags), settings)
+    config = config_of_command_line(EvalConfig, _FLAGS, config_file, given_flags(flags), settings)
     results = run_eval(config)
     for name, rows in results.items():
         click.echo(f"\n{name} ({rows[0].num_problems} problems)\n{format_table(rows)}")

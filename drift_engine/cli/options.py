@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -11,7 +12,16 @@ import click
 from click.core import ParameterSource
 
 from drift_engine.errors import ConfigError
-from drift_engine.fields import FLAG, HELP, check_value, field_default
+from drift_engine.fields import (
+    FLAG,
+    HELP,
+    apply_overrides,
+    check_value,
+    field_default,
+    field_type,
+    leaf_fields,
+    load_config,
+)
 from drift_engine.weighting_config import WeightingConfig, gamma_beta_rule
 
 
@@ -54,14 +64,16 @@ def flag_options(cls: type) -> dict[str, tuple[str, click.Option]]:
     configuration dataclass ``cls`` (and its sections) that has a flag: type, choices (a
     ``Literal``'s values), default and help all come from the field, so --help shows the
     configuration's own defaults. ``multiple=True`` metadata makes a repeatable flag
-    (``--model A --model B``) of a list field; other list fields take comma lists."""
-    from drift_engine.train.config import field_type, leaf_fields
-
+    (``--model A --model B``) of a list field; other list fields take comma lists. The
+    flags of ``cls``'s own fields come before those it inherits (the command's own first in
+    --help)."""
+    inherited = {f.name for base in cls.__mro__[1:] if is_dataclass(base) for f in fields(base)}
     options = {}
-    for key, f in leaf_fields(cls):
+    for key, f in sorted(leaf_fields(cls), key=lambda item: item[0] in inherited):
         decl = f.metadata.get(FLAG)
         if decl is None:
             continue
+        decls = [decl] if isinstance(decl, str) else list(decl)
         hint = field_type(cls, key)
         args = [a for a in get_args(hint) if a is not type(None)]
         if get_origin(hint) in (Union, UnionType) and len(args) == 1:
@@ -75,7 +87,7 @@ def flag_options(cls: type) -> dict[str, tuple[str, click.Option]]:
         if "flag_value" in f.metadata:  # the flag alone takes this value
             kwargs.update(is_flag=False, flag_value=f.metadata["flag_value"])
         elif hint is bool:
-            if "/" not in decl:  # --x alone switches on (--x/--no-x: both ways)
+            if "/" not in decls[0]:  # --x alone switches on (--x/--no-x: both ways)
                 kwargs["is_flag"] = True
         elif get_origin(hint) is Literal:
             kwargs["type"] = click.Choice(get_args(hint))
@@ -89,7 +101,7 @@ def flag_options(cls: type) -> dict[str, tuple[str, click.Option]]:
             kwargs["type"] = hint
         else:  # a bug in the config, not user input
             raise TypeError(f"no command line type for {key}: {hint!r}")
-        option = click.Option([decl], **kwargs)
+        option = click.Option(decls, **kwargs)
         options[option.name] = (key, option)
     return options
 
@@ -139,18 +151,19 @@ def parse_set_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return overrides
 
 
-def merge_command_line(
+def config_of_command_line(
     cls: type,
     options: dict[str, tuple[str, click.Option]],
     config_file: str | None,
     flags: dict[str, Any],
     settings: tuple[str, ...] | list[str] = (),
+    arguments: dict[str, Any] | None = None,
 ) -> Any:
-    """A ``cls`` (not yet validated) from a command line: defaults, then the TOML file,
-    then the ``--set`` settings, then the flags given (a None value means not given). A
-    key set both by --set and by its flag is refused."""
-    from drift_engine.train.config import apply_overrides, load_config
-
+    """The validated ``cls`` of a command line: defaults, then the TOML file, then the
+    ``--set`` settings, then the flags given (a None value means not given) and
+    ``arguments`` ({key: value} of the command's positional arguments given). A key set both
+    by --set and by its flag is refused; a required setting that none of them gives
+    (``cls.missing()``, where the class has it: a list of keys) is click's missing option."""
     config = load_config(config_file, cls) if config_file else cls()
     set_keys = parse_set_options(settings)
     flag_keys = {options[name][0]: value for name, value in flags.items() if value is not None}
@@ -161,7 +174,24 @@ def merge_command_line(
             f"{twice[0]} is given twice: use {flag} or --set {twice[0]}=..., not both"
         )
     config = apply_overrides(config, set_keys)
-    return apply_overrides(config, flag_keys)
+    config = apply_overrides(config, {**flag_keys, **(arguments or {})})
+    missing = config.missing() if hasattr(config, "missing") else []
+    if missing:
+        option = next(o for k, o in options.values() if k == missing[0])
+        raise click.MissingParameter(ctx=click.get_current_context(silent=True), param=option)
+    return config.validate()
+
+
+def with_flags(
+    options: dict[str, tuple[str, click.Option]],
+) -> Callable[[click.Command], click.Command]:
+    """Add the generated ``options`` to a command (after its own parameters)."""
+
+    def decorate(command: click.Command) -> click.Command:
+        command.params.extend(option for _, option in options.values())
+        return command
+
+    return decorate
 
 
 def config_and_set_options(what: str) -> Callable[[click.Command], click.Command]:

@@ -17,30 +17,17 @@ import click
 
 from drift_engine.cli.options import (
     config_and_set_options,
+    config_of_command_line,
     flag_options,
     given_flags,
-    merge_command_line,
+    with_flags,
 )
 from drift_engine.train.config import TrainConfig
 
 _FLAGS = flag_options(TrainConfig)
 
 
-def build_config(
-    config_file: str | None, flags: dict[str, Any], settings: tuple[str, ...] | list[str] = ()
-) -> TrainConfig:
-    """The validated TrainConfig for a command line: TOML file first, then the ``--set``
-    settings, then the flags (those given: a None value means not given)."""
-    return merge_command_line(TrainConfig, _FLAGS, config_file, flags, settings).validate()
-
-
-def _with_flags(command: click.Command) -> click.Command:
-    """Add the flags generated from TrainConfig to ``command`` (after --config and --set)."""
-    command.params.extend(option for _, option in _FLAGS.values())
-    return command
-
-
-@_with_flags
+@with_flags(_FLAGS)
 @click.command("train")
 @config_and_set_options("optim.betas=[0.9,0.95]")
 def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> None:
@@ -55,7 +42,7 @@ def train(config_file: str | None, settings: tuple[str, ...], **flags: Any) -> N
 
     from drift_engine.train.loop import Trainer
 
-    config = build_config(config_file, given_flags(flags), settings)
+    config = config_of_command_line(TrainConfig, _FLAGS, config_file, given_flags(flags), settings)
     argv = sys.argv[sys.argv.index("train") + 1 :] if "train" in sys.argv else None
     command = shlex.join(["drift-engine", "train", *argv]) if argv is not None else None
     try:

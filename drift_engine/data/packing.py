@@ -34,9 +34,9 @@ from torch import Tensor
 
 from drift_engine.data.rollouts import RolloutSet, TrainTurns
 from drift_engine.errors import ConfigError, RolloutFormatError
+from drift_engine.kernels.labels import IGNORE_INDEX
 
 LossMode = Literal["trajectory", "weighted", "token"]
-IGNORE_INDEX = -100
 LOSS_MODES = ("trajectory", "weighted", "token")
 
 

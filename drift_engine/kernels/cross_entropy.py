@@ -44,6 +44,7 @@ from drift_engine.kernels._chunking import (
     sum_rows_fp32,
     token_chunk_rows,
 )
+from drift_engine.kernels.labels import IGNORE_INDEX
 
 __all__ = ["ce_forward", "resolve_schedule"]
 
@@ -209,7 +210,7 @@ def ce_forward(
     labels: torch.Tensor,  # (N,) int64
     row_coef: torch.Tensor | None = None,  # (N,) fp32
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,

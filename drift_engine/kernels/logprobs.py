@@ -30,6 +30,7 @@ from drift_engine.kernels._chunking import (
     row_kernel_config,
     token_chunk_rows,
 )
+from drift_engine.kernels.labels import IGNORE_INDEX
 
 __all__ = ["logprobs_forward", "logprobs_backward"]
 
@@ -166,7 +167,7 @@ def logprobs_forward(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(logprobs (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32)``; lse is of the
@@ -208,7 +209,7 @@ def logprobs_backward(
     grad_entropy: torch.Tensor | None,  # (N,) upstream gradient of entropy
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``Σ grad_logprobs·logprobs + Σ grad_entropy·entropy`` w.r.t. hidden,

@@ -7,16 +7,17 @@ trained tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 
 from drift_engine.attention.varlen import cu_seqlens_from_lengths
 from drift_engine.data.packing import _check_loss_mode
 from drift_engine.errors import ConfigError, DriftError
+from drift_engine.kernels.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+T = TypeVar("T")
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -386,10 +387,19 @@ def hf_trainer_loss(
     inner = _unwrap(model)
     if inner is model:
         return loss_of(model)
-    # Shadow the inner module's forward for one call, so that the wrapper's forward (and the
-    # hooks that prepare its gradient all-reduce) runs around the loss; restore it after.
+    return call_as_forward(model, inner, loss_of)
+
+
+def call_as_forward(
+    model: torch.nn.Module, inner: torch.nn.Module, fn: Callable[[torch.nn.Module], T]
+) -> T:
+    """``fn(inner)`` run as the forward pass of ``model``, a wrapper around ``inner`` (DDP,
+    an FSDP2 root, which is its own ``inner``), so that the wrapper's hooks run around it:
+    FSDP2 gathers the root's parameters before and reduce-scatters their gradients after,
+    DDP prepares its gradient all-reduce. An instance attribute shadows ``inner``'s forward
+    for this one call; whatever was there before is restored."""
     previous = inner.__dict__.get("forward")
-    inner.forward = lambda: loss_of(inner)
+    inner.forward = lambda: fn(inner)
     try:
         return model()
     finally:

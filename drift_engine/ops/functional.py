@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from drift_engine.kernels.labels import IGNORE_INDEX
 from drift_engine.ops.autograd import LogProbs, linear_cross_entropy, linear_logprobs
 from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
 
@@ -21,7 +22,7 @@ def fused_linear_cross_entropy(
     *,
     token_weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -88,7 +89,7 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
     chunk_size: int | None = None,
     check_labels: bool = True,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from drift_engine.kernels.labels import IGNORE_INDEX
+
 Reduction = Literal["mean", "sum", "none"]
 Impl = Literal["auto", "triton", "torch"]
 Schedule = Literal["auto", "token_chunks", "vocab_slabs"]
@@ -29,7 +31,7 @@ class CrossEntropyOptions:
     and 0 for rows whose label is ignore_index.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     reduction: Reduction = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
@@ -61,7 +63,7 @@ class LogProbOptions:
 
     temperature: float = 1.0
     return_entropy: bool = False
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     chunk_size: int | None = None
     impl: Impl = "auto"
     check_labels: bool = True

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from drift_engine.kernels.labels import IGNORE_INDEX
+
 
 class ReferenceLogProbs(NamedTuple):
     logprobs: torch.Tensor  # (N,)
@@ -51,7 +53,7 @@ def cross_entropy_reference(
     *,
     token_weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -95,7 +97,7 @@ def logprobs_reference(
     *,
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     logits_dtype: torch.dtype | None = None,
 ) -> ReferenceLogProbs:
     """Dense per-token log-probabilities of ``labels`` and entropies of each row's

@@ -49,8 +49,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from drift_engine.errors import ConfigError
+from drift_engine.kernels.labels import IGNORE_INDEX
 from drift_engine.launch import torchrun_env
 from drift_engine.models.layers import decoder_layers
+from drift_engine.models.loss import call_as_forward
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -63,7 +65,6 @@ except ImportError:  # pragma: no cover - older location of FSDP2
 from torch.distributed.tensor import DTensor
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
-IGNORE_INDEX = -100
 
 T = TypeVar("T")
 
@@ -240,13 +241,7 @@ def run_forward(model: nn.Module, fn: Callable[[nn.Module], T]) -> T:
     inner = unwrap_model(model)
     if inner is model and not isinstance(model, FSDPModule):
         return fn(model)
-    # An instance attribute shadows the class's forward for this one call, so that the
-    # wrapper's hooks (FSDP2 pre/post-forward, DDP's reducer preparation) run around fn.
-    inner.forward = lambda: fn(inner)
-    try:
-        return model()
-    finally:
-        del inner.forward
+    return call_as_forward(model, inner, fn)
 
 
 @contextlib.contextmanager
