@@ -17,7 +17,6 @@ Two parts:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -455,7 +454,12 @@ def run_demo(
     )
     from drift_engine.rollout.hf import HFEngine
     from drift_engine.train import DataConfig, ModelConfig, OptimConfig, TrainConfig, train
-    from drift_engine.weighting import WeightingConfig, attach_weights
+    from drift_engine.weighting import (
+        WeightingConfig,
+        attach_weights,
+        solved_trajectories,
+        uniform_set,
+    )
 
     config = config or DemoConfig()
     out = Path(out_dir)
@@ -537,16 +541,9 @@ def run_demo(
     with _timed(seconds, "weights"):
         weighted = attach_weights(rollouts, WeightingConfig(gamma=config.gamma, beta=config.beta))
         files["rollouts"] = str(save_rollouts(out / "rollouts.safetensors", weighted)[-1])
-        # Rejection sampling: the solved trajectories, each with weight 1.
-        solved = [i for i, t in enumerate(run.trajectories) if t.first_correct_turn is not None]
-        if not solved:
-            raise ConfigError(
-                "no rollout solved its problem, so there is nothing to train on; raise "
-                "--samples-per-prompt or rebuild the toy model"
-            )
-        rejection = dataclasses.replace(
-            rollouts.select(solved), returns=None, weights=torch.ones(len(solved))
-        )
+        hint = "raise --samples-per-prompt or rebuild the toy model"
+        rejection = uniform_set(rollouts, solved_only=True, hint=hint)
+        solved = solved_trajectories(rollouts)
         files["rollouts_rejection"] = str(
             save_rollouts(out / "rollouts-rejection.safetensors", rejection)[-1]
         )

@@ -35,7 +35,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,8 +108,7 @@ class RecipeConfig:
     )
     env_options: list[str] = option(
         default_factory=list,
-        help="Environment constructor option (repeatable; VALUE parsed as JSON when it can "
-        "be).",
+        help="Environment constructor option (repeatable; VALUE parsed as JSON when it can be).",
         flag="--env-opt",
         multiple=True,
         metavar="KEY=VALUE",
@@ -191,9 +190,7 @@ class RecipeConfig:
     lr: float = option(
         3e-5, help="Learning rate (constant after 10% warmup).", flag="--lr", check=above(0)
     )
-    train_turns: TrainTurns = option(
-        "last", help="Assistant turns trained.", flag="--train-turns"
-    )
+    train_turns: TrainTurns = option("last", help="Assistant turns trained.", flag="--train-turns")
     train_dtype: Literal["float32", "bfloat16"] = option(
         "float32", help="Training compute dtype.", flag="--train-dtype"
     )
@@ -611,10 +608,8 @@ def _rollout_stage(out, config, engines, tokenizer, env, problems, reference_mod
 
 def _data_stage(out: Path, config: RecipeConfig) -> tuple[dict[str, str], bool]:
     """The training set of each method (DRIFT, rejection sampling, plain SFT)."""
-    import torch
-
     from drift_engine.data.rollouts import load_rollouts, save_rollouts
-    from drift_engine.weighting import attach_weights
+    from drift_engine.weighting import attach_weights, uniform_set
 
     folder = out / "rollouts"
     files = {m: str(folder / f"train-{m}.safetensors") for m in config.methods}
@@ -625,18 +620,8 @@ def _data_stage(out: Path, config: RecipeConfig) -> tuple[dict[str, str], bool]:
         if method == "drift":
             data = attach_weights(rollouts, config.weighting())
         else:
-            if method == "rejection":
-                solved = torch.nan_to_num(rollouts.turn_rewards, nan=0.0).gt(0).any(dim=1)
-                keep = solved.nonzero().flatten().tolist()
-                if not keep:
-                    raise ConfigError(
-                        "no rollout solved its problem, so rejection sampling has nothing to "
-                        "train on; raise --samples-per-problem or --num-train"
-                    )
-                data = rollouts.select(keep)
-            else:
-                data = rollouts
-            data = replace(data, returns=None, weights=torch.ones(data.num_trajectories))
+            hint = "raise --samples-per-problem or --num-train"
+            data = uniform_set(rollouts, solved_only=method == "rejection", hint=hint)
         save_rollouts(path, data)
     return files, False
 

@@ -236,3 +236,24 @@ def attach_weights(
     else:
         metadata.pop(META_CLIP_MAX, None)
     return replace(rollouts, returns=stored, weights=weights, metadata=metadata)
+
+
+def solved_trajectories(rollouts: RolloutSet) -> list[int]:
+    """Indices of the trajectories that earned a positive reward at some turn."""
+    solved = torch.nan_to_num(rollouts.turn_rewards, nan=0.0).gt(0).any(dim=1)  # (S,)
+    return solved.nonzero().flatten().tolist()
+
+
+def uniform_set(rollouts: RolloutSet, *, solved_only: bool, hint: str = "") -> RolloutSet:
+    """The SFT baselines' training set, every trajectory of weight 1 and no returns:
+    rejection sampling (``solved_only``: the solved trajectories; ConfigError, ending with
+    ``hint``, when none is) or plain SFT (all of them)."""
+    if solved_only:
+        keep = solved_trajectories(rollouts)
+        if not keep:
+            raise ConfigError(
+                "no rollout solved its problem, so rejection sampling has nothing to train on"
+                + (f"; {hint}" if hint else "")
+            )
+        rollouts = rollouts.select(keep)
+    return replace(rollouts, returns=None, weights=torch.ones(rollouts.num_trajectories))

@@ -491,9 +491,7 @@ def test_word_problem_answers_are_right(level):
     from drift_engine.envs.word_problems import shipped_problems
 
     env = MathEnv()
-    splits = {
-        s: load_problems(shipped_problems(s, level), env=env) for s in ("train", "heldout")
-    }
+    splits = {s: load_problems(shipped_problems(s, level), env=env) for s in ("train", "heldout")}
     assert [len(p) for p in splits.values()] == [1000, 400]
     questions = [{p["question"] for p in problems} for problems in splits.values()]
     assert not questions[0] & questions[1] and len(questions[0]) == 1000
@@ -513,7 +511,9 @@ def test_word_problem_answers_are_right(level):
     assert operand_counts == {2, 3} and operators == {"+", "-", "*"}
     assert len(templates) == (10 if level == "standard" else 5)
     if level == "easy":
-        assert all(len(n) == 1 for p in splits["train"] for n in re.findall(r"\d+", p["expression"]))
+        assert all(
+            len(n) == 1 for p in splits["train"] for n in re.findall(r"\d+", p["expression"])
+        )
     for p in splits["heldout"][:20]:
         assert env.step(p, f"so \\boxed{{{p['answer']}}}", 1).correct
         assert not env.step(p, f"<answer>{int(p['answer']) + 1}</answer>", 1).correct

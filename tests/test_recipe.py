@@ -158,12 +158,12 @@ def test_bad_settings_fail_before_any_work(tmp_path):
 def test_recipe_config_file_and_defaults(tmp_path):
     """The TOML file sets any field, flags override it; the math environment gets the
     recipe's settings unless --env-opt is given."""
+    from drift_engine.cli.options import config_of_command_line
     from drift_engine.cli.recipe import _FLAGS
-    from drift_engine.cli.options import merge_command_line
 
     toml = tmp_path / "recipe.toml"
     toml.write_text('steps = 30\nseeds = [4, 5]\nlevel = "standard"\n')
-    config = merge_command_line(RecipeConfig, _FLAGS, str(toml), {"seeds": [7]}).validate()
+    config = config_of_command_line(RecipeConfig, _FLAGS, str(toml), {"seeds": [7]})
     assert (config.steps, config.seeds, config.level) == (30, [7], "standard")
     env = RecipeConfig().environment()
     assert env.prompt_template == "{question}" and env.last_number_fallback

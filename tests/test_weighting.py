@@ -258,3 +258,23 @@ def test_non_finite_returns_and_weights_are_named():
     with pytest.raises(RolloutFormatError, match="every trajectory has weight 0"):
         weights_for(_big_rollouts([0.0, 0.0, 0.0]), WeightingConfig())
     assert weights_for(_big_rollouts([0.0, 2.0, 1.0]), WeightingConfig()).tolist() == [0, 2, 1]
+
+
+def test_uniform_sets_of_the_sft_baselines():
+    from dataclasses import replace
+
+    from drift_engine.weighting import solved_trajectories, uniform_set
+    from factories import make_rollouts
+
+    rollouts = make_rollouts()
+    last = torch.nan_to_num(rollouts.turn_rewards, nan=-1.0).max(dim=1).values  # (S,)
+    expected = [i for i, r in enumerate(last.tolist()) if r > 0]
+    assert 0 < len(expected) < rollouts.num_trajectories
+    assert solved_trajectories(rollouts) == expected
+    rejection = uniform_set(rollouts, solved_only=True)
+    assert rejection.num_trajectories == len(expected) and rejection.returns is None
+    assert rejection.weights.tolist() == [1.0] * len(expected)
+    assert uniform_set(rollouts, solved_only=False).weights.tolist() == [1.0] * len(last)
+    unsolved = replace(rollouts, turn_rewards=torch.zeros_like(rollouts.turn_rewards))
+    with pytest.raises(ConfigError, match="nothing to train on; sample more"):
+        uniform_set(unsolved, solved_only=True, hint="sample more")

@@ -14,21 +14,17 @@ import click
 
 from drift_engine.cli.options import (
     config_and_set_options,
+    config_of_command_line,
     flag_options,
     given_flags,
-    merge_command_line,
+    with_flags,
 )
 from drift_engine.recipe import RecipeConfig, run_recipe
 
 _FLAGS = flag_options(RecipeConfig)
 
 
-def _with_flags(command: click.Command) -> click.Command:
-    command.params.extend(option for _, option in _FLAGS.values())
-    return command
-
-
-@_with_flags
+@with_flags(_FLAGS)
 @click.command("recipe")
 @click.option("--out", type=click.Path(file_okay=False), default="recipe-out", show_default=True,
               help="Output folder. A rerun with the same settings continues an interrupted "
@@ -50,9 +46,7 @@ def recipe(out: str, threads: int | None, progress: bool, config_file: str | Non
     transcripts.md into OUT. The defaults fit about an hour on 2 CPU cores (docs/recipe.md).
     """
     started = time.perf_counter()
-    config = merge_command_line(
-        RecipeConfig, _FLAGS, config_file, given_flags(flags), settings
-    ).validate()
+    config = config_of_command_line(RecipeConfig, _FLAGS, config_file, given_flags(flags), settings)
     if threads is not None:
         import torch
 

@@ -128,7 +128,9 @@ def extract_math_answer(text: str) -> str | None:
 
 
 # A number as written in prose: "-3", "1,250", "2.5" (a sentence's full stop is not a decimal).
-_PROSE_NUMBER = re.compile(r"(?<![\w.])[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.])[-+]?\d+(?:\.\d+)?")
+_PROSE_NUMBER = re.compile(
+    r"(?<![\w.])[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.])[-+]?\d+(?:\.\d+)?"
+)
 
 
 def last_number(text: str) -> str | None:

@@ -156,7 +156,6 @@ TEMPLATES = (
 )
 
 
-
 def _one_digit(count: int, low: int = 1) -> Callable[[random.Random], tuple[int, ...]]:
     return lambda rng: tuple(rng.randint(low, 9) for _ in range(count))
 
