@@ -453,7 +453,8 @@ def run_demo(
         write_preview,
     )
     from drift_engine.rollout.hf import HFEngine
-    from drift_engine.train import DataConfig, ModelConfig, OptimConfig, TrainConfig, train
+    from drift_engine.train import train
+    from drift_engine.train.config import fixed_steps_config
     from drift_engine.weighting import (
         WeightingConfig,
         attach_weights,
@@ -566,20 +567,19 @@ def run_demo(
 
     # 4. weighted SFT (DRIFT) and unweighted SFT on the solved trajectories (baseline)
     def finetune(name: str, data_path: str):
-        train_config = TrainConfig(
-            out=str(out / name),
+        train_config = fixed_steps_config(
+            out / name,
+            data_path,
+            model_dir,
+            config.steps,
+            data={
+                "train_turns": config.train_turns,
+                "batch_tokens": config.batch_tokens,
+                "grad_accum": config.grad_accum,
+            },
+            optim={"lr": config.lr, "weight_decay": config.weight_decay},
             seed=config.seed,
             progress=progress,
-            data=DataConfig(
-                path=data_path,
-                train_turns=config.train_turns,
-                batch_tokens=config.batch_tokens,
-                grad_accum=config.grad_accum,
-                epochs=config.steps,  # enough epochs for max_steps on any data size
-                max_steps=config.steps,
-            ),
-            model=ModelConfig(name_or_path=str(model_dir), dtype="float32"),
-            optim=OptimConfig(lr=config.lr, weight_decay=config.weight_decay),
         )
         with _timed(seconds, f"train_{name}"):
             trained = train(train_config)

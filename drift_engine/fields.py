@@ -97,6 +97,24 @@ def unset_variant(cls: type, name: str, *, help: str, flag: str | None = None) -
     )
 
 
+def field_like(
+    cls: type,
+    name: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    **metadata: Any,
+) -> Any:
+    """Field ``name`` of ``cls`` again, for another configuration: its help, flag, check
+    and extras, with its own default (the source's when none is given) and any
+    ``metadata`` given replacing the source's (e.g. ``help=``, ``show_default=``)."""
+    source = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default is dataclasses.MISSING and default_factory is dataclasses.MISSING:
+        default, default_factory = source.default, source.default_factory
+    merged = {**source.metadata, **metadata}
+    return option(default, default_factory=default_factory, **merged)
+
+
 def check_value(cls: type, name: str, value: Any, key: str) -> Any:
     """``value`` if field ``name`` of ``cls`` accepts it; else ConfigError naming ``key``."""
     check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get(CHECK)

@@ -41,9 +41,10 @@ from typing import Any, Literal
 
 from drift_engine.envs.word_problems import ProblemLevel
 from drift_engine.errors import ConfigError
-from drift_engine.fields import above, at_least, check_fields, option, unset_variant
+from drift_engine.fields import at_least, check_fields, field_like, option, unset_variant
 from drift_engine.files import write_text_atomic
-from drift_engine.train.config import DTypeName, TrainTurns
+from drift_engine.rollout_config import EnvEngineConfig, RolloutConfig
+from drift_engine.train.config import DataConfig, DTypeName, OptimConfig, TrainTurns
 from drift_engine.weighting_config import WeightingConfig
 
 METHODS = ("drift", "rejection", "sft")
@@ -103,16 +104,9 @@ class RecipeConfig:
     dtype: DTypeName = option(
         "bfloat16", help="Generation dtype (rollouts and eval).", flag="--dtype"
     )
-    env: str = option(
-        "math", help="Environment: a built-in name or package.module:Class.", flag="--env"
-    )
-    env_options: list[str] = option(
-        default_factory=list,
-        help="Environment constructor option (repeatable; VALUE parsed as JSON when it can be).",
-        flag="--env-opt",
-        multiple=True,
-        metavar="KEY=VALUE",
-        show_default="for math: " + ", ".join(RECIPE_MATH_OPTIONS),
+    env: str = field_like(EnvEngineConfig, "env", "math")
+    env_options: list[str] = field_like(
+        EnvEngineConfig, "env_options", show_default="for math: " + ", ".join(RECIPE_MATH_OPTIONS)
     )
     level: ProblemLevel = option(
         "easy",
@@ -142,16 +136,13 @@ class RecipeConfig:
         4, help="Rollouts per training problem.", flag="--samples-per-problem",
         check=at_least(1),
     )  # fmt: skip
-    max_turns: int = option(
-        3, help="Turns per episode (K of multi@k).", flag="--max-turns", check=at_least(1)
+    max_turns: int = field_like(
+        RolloutConfig, "max_turns", 3, help="Turns per episode (K of multi@k)."
     )
-    max_new_tokens: int = option(
-        192, help="Tokens per answer.", flag="--max-new-tokens", check=at_least(1)
+    max_new_tokens: int = field_like(EnvEngineConfig, "max_new_tokens", 192)
+    temperature: float = field_like(
+        RolloutConfig, "temperature", help="Sampling temperature of the rollouts (eval is greedy)."
     )
-    temperature: float = option(
-        1.0, help="Sampling temperature of the rollouts (eval is greedy).", flag="--temperature",
-        check=above(0),
-    )  # fmt: skip
     max_model_len: int = option(
         2048, help="Context limit of the engines (prompt + all turns).", flag="--max-model-len",
         check=at_least(2),
@@ -180,17 +171,12 @@ class RecipeConfig:
     steps: int = option(
         12, help="Optimizer steps of every training run.", flag="--steps", check=at_least(1)
     )
-    batch_tokens: int = option(
-        2048, help="Token budget of one packed micro-batch.", flag="--batch-tokens",
-        check=at_least(1),
-    )  # fmt: skip
-    grad_accum: int = option(
-        1, help="Micro-batches per optimizer step.", flag="--grad-accum", check=at_least(1)
+    batch_tokens: int = field_like(DataConfig, "batch_tokens", 2048)
+    grad_accum: int = field_like(DataConfig, "grad_accum")
+    lr: float = field_like(
+        OptimConfig, "lr", 3e-5, help="Learning rate (constant after 10% warmup)."
     )
-    lr: float = option(
-        3e-5, help="Learning rate (constant after 10% warmup).", flag="--lr", check=above(0)
-    )
-    train_turns: TrainTurns = option("last", help="Assistant turns trained.", flag="--train-turns")
+    train_turns: TrainTurns = field_like(DataConfig, "train_turns")
     train_dtype: Literal["float32", "bfloat16"] = option(
         "float32", help="Training compute dtype.", flag="--train-dtype"
     )
@@ -627,34 +613,28 @@ def _data_stage(out: Path, config: RecipeConfig) -> tuple[dict[str, str], bool]:
 
 
 def _train_unit(out, config, method, seed, data_path, reference_model, progress):
-    from drift_engine.train import (
-        CheckpointConfig,
-        DataConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainConfig,
-        train,
-    )
+    from drift_engine.train import CheckpointConfig, train
+    from drift_engine.train.config import fixed_steps_config
 
     runs = out / "runs"
     done = runs / f"{method}-seed{seed}.json"
     if done.is_file():
         return _read_json(done), True
     run_dir = runs / f"{method}-seed{seed}"
-    train_config = TrainConfig(
-        out=str(run_dir),
+    train_config = fixed_steps_config(
+        run_dir,
+        data_path,
+        reference_model,
+        config.steps,
+        dtype=config.train_dtype,
+        data={
+            "train_turns": config.train_turns,
+            "batch_tokens": config.batch_tokens,
+            "grad_accum": config.grad_accum,
+        },
+        optim={"lr": config.lr},
         seed=seed,
         progress=progress,
-        data=DataConfig(
-            path=data_path,
-            train_turns=config.train_turns,
-            batch_tokens=config.batch_tokens,
-            grad_accum=config.grad_accum,
-            epochs=config.steps,  # enough epochs for max_steps on any data size
-            max_steps=config.steps,
-        ),
-        model=ModelConfig(name_or_path=str(reference_model), dtype=config.train_dtype),
-        optim=OptimConfig(lr=config.lr),
         # an interrupted run (its folder exists, its result file does not) starts again
         checkpoint=CheckpointConfig(resume="latest" if run_dir.exists() else None),
     )

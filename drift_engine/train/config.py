@@ -363,6 +363,28 @@ class TrainConfig:
         return self
 
 
+def fixed_steps_config(
+    out: str | Path,
+    data_path: str | Path,
+    model: str | Path,
+    steps: int,
+    dtype: DTypeName = "float32",
+    data: dict[str, Any] | None = None,
+    optim: dict[str, Any] | None = None,
+    **settings: Any,
+) -> TrainConfig:
+    """A TrainConfig that trains ``model`` on ``data_path`` for exactly ``steps`` optimizer
+    steps (as many epochs as that takes on any data size); ``data``, ``optim``: more
+    DataConfig / OptimConfig fields, ``settings``: more TrainConfig fields."""
+    return TrainConfig(
+        out=str(out),
+        data=DataConfig(path=str(data_path), epochs=steps, max_steps=steps, **(data or {})),
+        model=ModelConfig(name_or_path=str(model), dtype=dtype),
+        optim=OptimConfig(**(optim or {})),
+        **settings,
+    )
+
+
 def _float_values(config: Any, prefix: str = "") -> list[tuple[str, float | None]]:
     """(dotted key, value) of every float field of ``config`` (tuples item by item)."""
     found: list[tuple[str, float | None]] = []
