@@ -2,13 +2,15 @@
 # GPU check in one call, cut at GPU_CHECK_BUDGET_S (default 540 s, under the device's
 # 10-minute limit per call; the whole list takes about 10 minutes on one H100, so the last
 # steps may be skipped):
-#   1. install the package (editable, offline) and, when present, the liger-kernel and
-#      cut-cross-entropy wheels from .whl/ (see bench/README.md for fetching them);
+#   1. install the package (editable, offline) and, when present and not importable, the
+#      liger-kernel and cut-cross-entropy wheels from .whl/ (see bench/README.md for
+#      fetching them; the call carries .whl);
 #   2. the GPU tests (`pytest -m gpu`: compiled layers vs eager in bf16 on CUDA among them),
 #      the kernel and op tests on CUDA, and the compile tests (CPU) against this image's
 #      torch and transformers;
-#   3. training throughput (Qwen2-0.5B config): eager against the reference, then with
-#      compiled decoder layers, then a profile of the compiled step by category;
+#   3. training throughput (Qwen2-0.5B config): eager against the reference and against
+#      Hugging Face packed + Liger's fused loss, then with compiled decoder layers, then a
+#      profile of the compiled step by category;
 #   4. the loss benchmark at both presets, cross-entropy and log-probs, and the second
 #      preset's token-chunk and log-prob rows with one chunk of all rows;
 #   5. a profile of the eager step;
@@ -62,17 +64,25 @@ step install 60 "$OUT/setup.log" python -m pip install --no-deps --no-build-isol
 # The source tree imports as the package too (the kernels live in drift_engine/kernels), so
 # the steps run even where the image's setuptools is too old for the editable install.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-shopt -s nullglob
-wheels=(.whl/liger_kernel*.whl .whl/cut_cross_entropy*.whl)
-shopt -u nullglob
+# Each pure-Python peer from its wheel, offline, only where the image cannot import it.
+wheels=()
+for peer in liger_kernel cut_cross_entropy; do
+    timeout 60 python -c "import $peer" 2>/dev/null && continue
+    shopt -s nullglob
+    found=(.whl/"$peer"-*.whl)
+    shopt -u nullglob
+    if [ "${#found[@]}" -gt 0 ]; then
+        wheels+=("${found[0]}")
+    else
+        log "$peer is not importable and no .whl/$peer-*.whl was carried: its rows say so"
+    fi
+done
 if [ "${#wheels[@]}" -gt 0 ]; then
     step wheels 30 "$OUT/wheels.log" python -m pip install --no-deps --no-index "${wheels[@]}"
-else
-    log "no liger-kernel / cut-cross-entropy wheels in .whl/: those rows will be skipped"
 fi
 {
-    nvidia-smi
-    python - <<'PY'
+    timeout 30 nvidia-smi
+    timeout 60 python - <<'PY'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
 for name in ("triton", "transformers", "liger_kernel", "cut_cross_entropy"):
@@ -126,8 +136,8 @@ profile() {
 # warmup includes the compile), and its step profile while the compiled code is cached
 # (more warmup steps: the recompile at the first new longest-sequence length comes before
 # the profiled steps).
-throughput train-throughput 150
-throughput train-throughput-compiled 300 --compile --no-reference
+throughput train-throughput 200
+throughput train-throughput-compiled 300 --compile --no-reference --no-hf-packed
 profile compiled 180 --compile --warmup 4
 
 # ---------------------------------------------------------------- 4. loss benchmark
@@ -150,11 +160,11 @@ cat "$OUT/loss-qwen2.5-3b-one-chunk.md" 2>/dev/null >>"$SUMMARY"
 profile eager 120
 
 # ---------------------------------------------------------------- 6. longer trajectories
-throughput train-throughput-3072 150 --max-tokens 3072
+throughput train-throughput-3072 150 --max-tokens 3072 --no-hf-packed
 
 # ---------------------------------------------------------------- 7. rollout throughput
 engines=hf
-python -c "import vllm" 2>/dev/null && engines=vllm,hf
+timeout 60 python -c "import vllm" 2>/dev/null && engines=vllm,hf
 step rollout-throughput 150 "$OUT/rollout-throughput.log" \
     python bench/rollout_throughput.py --preset gpu --engines "$engines" \
     --json "$OUT/rollout-throughput.json"

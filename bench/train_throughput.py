@@ -9,12 +9,18 @@ untimed warmup:
   trajectories right-padded to the longest, SDPA attention, full-vocabulary logits cast to
   fp32, per-trajectory token-mean cross-entropy × weight averaged over the batch, AdamW
   (fused on CUDA), parameters in the compute dtype;
-- HF packed (CPU presets; ``--no-hf-packed`` skips it): the best assembly a user could make
-  without drift-engine, from transformers alone: the trainer's packed micro-batches (same
-  sequences, same order) fed as one row with restarting position ids and no attention mask,
+- HF packed (``--no-hf-packed`` skips it): the best assembly a user could make from peers
+  without drift-engine: the trainer's packed micro-batches (same sequences, same order) fed
+  to the Hugging Face model as one row with restarting position ids and no attention mask,
   so that transformers builds its packed-sequence (block-diagonal causal) mask for SDPA;
-  full-vocabulary logits cast to fp32 and the same per-token weighted cross-entropy
-  (dense), AdamW as the reference's;
+  the same per-token weighted cross-entropy, AdamW as the reference's. On CUDA the loss is
+  Liger-Kernel's fused linear cross-entropy on the final hidden states (reduction "none",
+  times the token weights: Liger >= 0.8.5 recomputes in backward with each token's upstream
+  gradient) when liger-kernel is importable; otherwise, and on CPU (Liger's kernels are
+  Triton), full-vocabulary logits cast to fp32 and dense cross-entropy, the row labelled
+  with the loss it ran. transformers' flex_attention would skip the masked blocks, but it
+  compiles flex_attention for static shapes (a recompile per packed length), so SDPA it is
+  unless ``--hf-attention`` says otherwise;
 - drift-engine: ``drift_engine.train.Trainer`` (packed micro-batches under a token budget,
   varlen attention, fused weighted loss, fp32 master weights with 16-bit autocast on GPU);
   with ``--compile``, its decoder layers compiled (``model.compile``), compile time excluded.
@@ -153,8 +159,8 @@ PRESETS = {
         reference_batch=8,
         # the reference runs out of memory on an 80 GB card without it
         reference_gradient_checkpointing=True,
-        # the GPU peer is Hugging Face with varlen attention and Liger's fused loss, not this
-        hf_packed=False,
+        # Hugging Face packed with Liger's fused loss (the dense loss if liger is absent)
+        hf_packed=True,
         warmup_steps=2,
         repeats=1,
     ),
@@ -333,26 +339,63 @@ def reference_pass(model_dir: Path, rollouts: RolloutSet, preset: dict, device, 
 # ----------------------------------------------------------------------------- HF packed
 
 
-def hf_packed_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+def liger_loss(device: torch.device) -> tuple[torch.nn.Module | None, str]:
+    """(Liger's fused linear cross-entropy, reduction "none", or None; the loss's label).
+    Only on CUDA: Liger's kernels are Triton kernels."""
+    if device.type != "cuda":
+        return None, "dense fp32 logits"
+    try:
+        import liger_kernel
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
+    except ImportError as error:
+        print(f"liger-kernel is not importable ({error}): the HF packed side uses the dense loss")
+        return None, "dense fp32 logits; liger-kernel not importable"
+    version = getattr(liger_kernel, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as package_version
+
+        version = package_version("liger-kernel")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="none")
+    return loss, f"Liger FLCE {version}, reduction none x token weights"
+
+
+def hf_packed_loss(
+    model: torch.nn.Module, batch, fused_loss: torch.nn.Module | None = None
+) -> torch.Tensor:
     """Σ token_weights·CE / trajectories of one PackedBatch with plain transformers: restarting
     position ids and no attention mask make transformers mask each packed sequence from the
-    others (only without a KV cache: ``model.config.use_cache`` must be False)."""
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # (1, T, V)
-    ce = F.cross_entropy(logits[0].float(), batch.labels, reduction="none")  # (T,)
+    others (only without a KV cache: ``model.config.use_cache`` must be False).
+
+    With ``fused_loss`` (Liger's, reduction "none") the per-token CE comes from the final
+    hidden states and the LM head's weight, without logits; otherwise from dense fp32 logits.
+    """
+    if fused_loss is None:
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+        ce = F.cross_entropy(logits[0].float(), batch.labels, reduction="none")  # (T,)
+    else:
+        hidden = model.get_decoder()(
+            input_ids=batch.input_ids, position_ids=batch.position_ids
+        ).last_hidden_state[0]  # (T, H)
+        weight = model.get_output_embeddings().weight  # (V, H)
+        ce = fused_loss(weight, hidden, batch.labels).float()  # (T,)
     return (batch.token_weights * ce).sum() / batch.num_trajectories
 
 
 def hf_packed_pass(model_dir: Path, batches: list, preset: dict, device, seed: int) -> dict:
     """Plain transformers on the trainer's packed micro-batches (``batches``: PackedBatch):
     one row with restarting position ids and no attention mask (transformers' packed-sequence
-    masking, SDPA), dense fp32 logits, Σ token_weights·CE / trajectories, AdamW as the
-    reference's. Returns timings."""
+    masking, ``preset["hf_attention"]``), Liger's fused loss on CUDA when importable or dense
+    fp32 logits, Σ token_weights·CE / trajectories, AdamW as the reference's. Returns
+    timings, with the attention and loss that ran."""
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, preset["dtype"])
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="sdpa"
+        model_dir, dtype=dtype, attn_implementation=preset["hf_attention"]
     ).to(device)
+    fused_loss, loss_name = liger_loss(device)
     model.config.use_cache = False
     model.train()
     optimizer = torch.optim.AdamW(
@@ -361,7 +404,7 @@ def hf_packed_pass(model_dir: Path, batches: list, preset: dict, device, seed: i
     batches = [batch.to(device) for batch in batches]
 
     def step(batch) -> int:
-        hf_packed_loss(model, batch).backward()
+        hf_packed_loss(model, batch, fused_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -383,6 +426,8 @@ def hf_packed_pass(model_dir: Path, batches: list, preset: dict, device, seed: i
         "padding_fraction": 0.0,
         "optimizer_steps": len(batches),
         "peak_memory_gb": _peak_gb(device),
+        "attention": preset["hf_attention"],
+        "loss": loss_name,
     }
 
 
@@ -570,7 +615,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--no-hf-packed",
         action="store_true",
-        help="skip the plain Hugging Face packed-sequence side (CPU presets run it)",
+        help="skip the Hugging Face packed-sequence side",
+    )
+    parser.add_argument(
+        "--hf-attention",
+        default="sdpa",
+        help="attn_implementation of the Hugging Face packed side (default: sdpa)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -590,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     preset["compile"] = args.compile
     preset["hf_packed"] = preset["hf_packed"] and not args.no_hf_packed
+    preset["hf_attention"] = args.hf_attention
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("the gpu preset needs CUDA")
@@ -659,6 +710,7 @@ def main(argv: list[str] | None = None) -> dict:
             "reference_batch": preset["reference_batch"],
             "reference_gradient_checkpointing": preset["reference_gradient_checkpointing"],
             "hf_packed": preset["hf_packed"],
+            "hf_attention": preset["hf_attention"],
             "timed_passes": f"fastest of {preset['repeats']} passes over all trajectories",
             "flops_formula": "6*P*tokens + 6*layers*heads*head_dim*sum(L^2)",
             "params_for_flops": params_for_flops,
@@ -689,6 +741,12 @@ def main(argv: list[str] | None = None) -> dict:
         tmp_json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_json, args.json)
     return report
+
+
+def _hf_packed_name(result: dict | None, setup: dict) -> str:
+    attention = setup.get("hf_attention", "sdpa")
+    loss = (result or {}).get("loss", "dense fp32 logits")
+    return f"HF packed + {attention} ({loss})"
 
 
 def markdown(report: dict) -> str:
@@ -733,7 +791,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
         row("reference (padded, fp32 logits)", report["reference"]),
         *(
-            [row("HF packed + SDPA (dense fp32 logits)", report["hf_packed"])]
+            [row(_hf_packed_name(report["hf_packed"], s), report["hf_packed"])]
             if s["hf_packed"]
             else []
         ),
@@ -748,7 +806,7 @@ def markdown(report: dict) -> str:
             else "Speedup: n/a (no reference measured)"
         )
         + (
-            f"; against HF packed + SDPA **{report['speedup_vs_hf_packed']:.2f}x**"
+            f"; against HF packed **{report['speedup_vs_hf_packed']:.2f}x**"
             if report["speedup_vs_hf_packed"] is not None
             else ""
         )

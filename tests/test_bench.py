@@ -69,6 +69,9 @@ def test_train_throughput_cpu_preset(tmp_path):
     assert report["cpu_time_speedup"]["hf_packed"] == pytest.approx(
         ours["real_tokens_per_cpu_s"] / hf["real_tokens_per_cpu_s"]
     )
+    # On CPU the peer's loss is the dense one (Liger's kernels need CUDA), and says so.
+    assert hf["loss"] == "dense fp32 logits" and hf["attention"] == "sdpa"
+    assert "HF packed + sdpa (dense fp32 logits)" in train_throughput.markdown(report)
     # The LM head runs only on the trained (last-turn) tokens: fewer FLOPs executed.
     assert 0 < report["setup"]["trained_tokens"] < report["setup"]["tokens"]
     assert 0 < ours["executed_tflops_per_s"] < ours["tflops_per_s"]
@@ -176,3 +179,57 @@ def test_profile_breakdown_attributes_cuda_kernels_by_scope_and_name():
     )
     assert report["busy_ms_per_step"] == pytest.approx(0.55)
     assert report["tokens_per_s"] == pytest.approx(250_000)
+
+
+def test_liger_loss_is_cuda_only_and_labelled():
+    import torch
+
+    train_throughput = _load("train_throughput")
+    assert train_throughput.liger_loss(torch.device("cpu")) == (None, "dense fp32 logits")
+
+
+def test_liger_weighted_loss_matches_ours(tmp_path):
+    """The GPU peer's loss, Liger's fused linear cross-entropy with reduction "none" times the
+    token weights, is the trainer's objective: on a packed micro-batch (Liger's Triton
+    kernels in the interpreter on CPU) it equals the dense side's loss, and at a tiny shape
+    its loss and gradients equal drift-engine's fused loss."""
+    pytest.importorskip("liger_kernel")
+    import torch
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss,
+    )
+    from transformers import AutoModelForCausalLM
+
+    from drift_engine.ops import fused_linear_cross_entropy
+
+    liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="none")
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 16, generator=gen).requires_grad_()
+    weight = (torch.randn(37, 16, generator=gen) * 0.3).requires_grad_()
+    labels = torch.randint(0, 37, (13,), generator=gen)
+    labels[[2, 5]] = -100
+    token_weights = torch.rand(13, generator=gen)
+    theirs = (liger(weight, hidden, labels) * token_weights).sum()
+    ours = fused_linear_cross_entropy(
+        hidden, weight, labels, token_weights=token_weights, reduction="sum", impl="torch"
+    )
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        torch.autograd.grad(theirs, (hidden, weight)),
+        torch.autograd.grad(ours, (hidden, weight)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    train_throughput = _load("train_throughput")
+    preset = dict(train_throughput.PRESETS["cpu"], compile=False)
+    model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
+    cpu = torch.device("cpu")
+    trainer = train_throughput.make_trainer(model_dir, data, tmp_path / "out", preset, cpu, 0)
+    batch = trainer.pack_micro_batch(trainer.epoch_plan(0).micro_batches[0])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model.config.use_cache = False
+    with torch.no_grad():
+        dense = train_throughput.hf_packed_loss(model, batch)
+        fused = train_throughput.hf_packed_loss(model, batch, liger)
+    torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-5)

@@ -21,10 +21,8 @@ from typing import NamedTuple
 import torch
 
 from drift_engine.ops import validation
-from drift_engine.ops.library import option_values
+from drift_engine.ops.library import option_values, run_op
 from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
-
-OPS = torch.ops.drift_engine
 
 
 class LogProbs(NamedTuple):
@@ -40,10 +38,9 @@ def masked_token_weights(
     ignore_index: int,
 ) -> torch.Tensor:
     """(N,) fp32 token weights, 0 on ignored rows (1 elsewhere when none are given)."""
-    valid = labels != ignore_index
     if token_weights is None:
-        return valid.float()
-    return torch.where(valid, token_weights.float(), 0.0)
+        return (labels != ignore_index).float()
+    return token_weights.float().masked_fill(labels == ignore_index, 0.0)
 
 
 def row_coefficients(
@@ -93,13 +90,20 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
         opts: CrossEntropyOptions,
     ) -> torch.Tensor:
         row_coef = row_coefficients(labels, token_weights, opts)  # (N,) fp32
-        loss, *grads = OPS.ce_forward(
-            hidden, weight, bias, labels, token_weights, row_coef, *option_values(opts)
+        loss, *grads = run_op(
+            "ce_forward",
+            hidden,
+            weight,
+            bias,
+            labels,
+            token_weights,
+            row_coef,
+            *option_values(opts),
         )
         # Held until backward: only those some input asks for.
         ctx.save_for_backward(*_wanted(grads, ctx.needs_input_grad[:3]))
         ctx.consumed = False
-        return (row_coef * loss).sum()  # () fp32
+        return torch.dot(row_coef, loss)  # () fp32
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # grad_output: () fp32
@@ -139,8 +143,8 @@ class PerTokenLinearCrossEntropy(torch.autograd.Function):
         opts: CrossEntropyOptions,
     ) -> torch.Tensor:
         weights = masked_token_weights(labels, token_weights, opts.ignore_index)  # (N,) fp32
-        loss = OPS.ce_forward(
-            hidden, weight, bias, labels, token_weights, None, *option_values(opts)
+        loss = run_op(
+            "ce_forward", hidden, weight, bias, labels, token_weights, None, *option_values(opts)
         )[0]
         ctx.save_for_backward(hidden, weight, bias, labels, weights)
         ctx.options = _unchecked(opts)
@@ -154,7 +158,7 @@ class PerTokenLinearCrossEntropy(torch.autograd.Function):
             return None, None, None, None, None, None
         hidden, weight, bias, labels, weights = ctx.saved_tensors
         row_coef = grad_output.float() * weights  # (N,) fp32
-        _, *grads = OPS.ce_forward(hidden, weight, bias, labels, None, row_coef, *ctx.options)
+        _, *grads = run_op("ce_forward", hidden, weight, bias, labels, None, row_coef, *ctx.options)
         return (*_wanted(grads, needs), None, None, None)
 
 
@@ -170,8 +174,8 @@ class LinearLogProbs(torch.autograd.Function):
         labels: torch.Tensor,  # (N,) int64
         opts: LogProbOptions,
     ):
-        logprobs, entropy, lse = OPS.logprobs_forward(
-            hidden, weight, bias, labels, *option_values(opts)
+        logprobs, entropy, lse = run_op(
+            "logprobs_forward", hidden, weight, bias, labels, *option_values(opts)
         )
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.options = _unchecked(opts)
@@ -188,8 +192,16 @@ class LinearLogProbs(torch.autograd.Function):
         if (grad_logprobs is None and grad_entropy is None) or not any(needs):
             return None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = OPS.logprobs_backward(
-            hidden, weight, bias, labels, lse, grad_logprobs, grad_entropy, *ctx.options
+        grads = run_op(
+            "logprobs_backward",
+            hidden,
+            weight,
+            bias,
+            labels,
+            lse,
+            grad_logprobs,
+            grad_entropy,
+            *ctx.options,
         )
         return (*_wanted(grads, needs), None, None)
 
@@ -224,10 +236,10 @@ def linear_cross_entropy(
     # Evaluation: one pass without the gradient GEMMs (no input needs autograd here).
     hidden, weight, bias, labels, token_weights, _ = args
     row_coef = row_coefficients(labels, token_weights, opts)  # (N,) fp32
-    loss, *_ = OPS.ce_forward(
-        hidden, weight, bias, labels, token_weights, None, *option_values(opts)
+    loss, *_ = run_op(
+        "ce_forward", hidden, weight, bias, labels, token_weights, None, *option_values(opts)
     )
-    return (row_coef * loss).sum()
+    return torch.dot(row_coef, loss)
 
 
 def linear_logprobs(

@@ -1,7 +1,9 @@
 """The fused ops as ``torch.library`` custom ops: the one path, eager and compiled.
 
-The autograd layer (autograd.py) calls these ops in eager mode and while
-``torch.compile`` traces it. Each op is opaque to the compiler: its real implementation
+The autograd layer (autograd.py) calls these ops while ``torch.compile`` traces it, and
+through ``run_op`` in eager mode, which on plain tensors calls an op's implementation
+directly: the same code without the dispatcher's Python layers, which cost about as much
+as the GEMMs of a small LM head (60 µs a call on CPU). Each op is opaque to the compiler: its real implementation
 checks the labels (a host sync, when ``check_labels``), resolves the backend and runs the
 chunk loop or the Triton launches at run time; its fake implementation gives the output
 shapes from the input shapes, so a new number of tokens N needs no recompile.
@@ -68,14 +70,29 @@ def option_values(opts: Options) -> tuple:
     return tuple(getattr(opts, name) for name in _FIELD_NAMES[type(opts)])
 
 
+_IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
 def _custom_op(name: str, tensors: str, options_type: type, returns: str, fake: Callable):
     def define(fn: Callable):
         schema = f"({tensors}, {_fields_schema(options_type)}) -> {returns}"
         op = torch.library.custom_op(f"drift_engine::{name}", fn, mutates_args=(), schema=schema)
         op.register_fake(fake)
+        _IMPLEMENTATIONS[name] = fn
         return op
 
     return define
+
+
+def run_op(name: str, *args):
+    """``torch.ops.drift_engine.<name>(*args)``. In eager mode on plain tensors, its
+    implementation called directly (under no_grad: its outputs are not differentiable
+    through ATen, as the op's are not); under torch.compile, or on tensor subclasses (fake
+    and functional tensors of a trace), the op itself."""
+    if type(args[0]) is Tensor and not torch.compiler.is_compiling():
+        with torch.no_grad():
+            return _IMPLEMENTATIONS[name](*args)
+    return getattr(torch.ops.drift_engine, name)(*args)
 
 
 def _absent(like: Tensor) -> Tensor:
