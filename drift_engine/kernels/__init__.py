@@ -8,7 +8,9 @@ calls these launchers.
 * ``cross_entropy``: ``ce_forward`` (fused linear cross-entropy, token-chunk and
   vocabulary-slab schedules);
 * ``logprobs``: ``logprobs_forward`` / ``logprobs_backward`` (per-token log-probs, entropy);
-* ``_chunking``: chunk sizing, the logits GEMM and the chunked gradient GEMMs shared by both.
+* ``_chunking``: chunk sizing, the logits GEMM and the chunked gradient GEMMs shared by both;
+* ``labels``: ``IGNORE_INDEX`` (-100), the label of an untrained position, defined once for
+  the whole package.
 
 docs/kernels.md describes the algorithm, its cost and its knobs.
 """
