@@ -448,32 +448,14 @@ def run_rollouts(
     env: Environment,
     problems: Sequence[Problem],
     *,
-    n: int,
-    max_turns: int,
-    sampling: SamplingParams,
-    seed: int,
-    shard_rank: int = 0,
-    shard_world: int = 1,
-    progress: bool = True,
-    chat_template: str | None = None,
     metadata: dict[str, str] | None = None,
+    **settings: Any,
 ) -> RolloutSet:
     """Roll out ``n`` trajectories per problem of this shard and pack them into a RolloutSet
-    (group id = the problem's index in ``problems``)."""
-    run = collect_trajectories(
-        engine,
-        tokenizer,
-        env,
-        problems,
-        n=n,
-        max_turns=max_turns,
-        sampling=sampling,
-        seed=seed,
-        shard_rank=shard_rank,
-        shard_world=shard_world,
-        progress=progress,
-        chat_template=chat_template,
-    )
+    (group id = the problem's index in ``problems``). ``settings`` are the keyword arguments
+    of :func:`collect_trajectories` (``n``, ``max_turns``, ``sampling``, ``seed``, the shard,
+    ``progress``, ``chat_template``)."""
+    run = collect_trajectories(engine, tokenizer, env, problems, **settings)
     return to_rollout_set(run, metadata)
 
 
