@@ -98,33 +98,36 @@ class Engine(ABC):
 
 
 def request_limits(
-    params: SamplingParams, count: int, max_new_tokens: Sequence[int] | None
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    params: SamplingParams,
+    max_new_tokens: Sequence[int] | None,
+    max_model_len: int | None,
 ) -> list[int]:
-    """Per-request token limits: ``max_new_tokens`` checked, else ``params``' for all."""
+    """Per-request token limits of a ``generate`` call, its arguments checked: one seed per
+    prompt, ``max_new_tokens`` (else ``params``' for all) at least 1 each, and every prompt
+    plus its limit within ``max_model_len``. A request over the context is refused rather
+    than its limit cut silently (the rollout loop sends only requests that fit)."""
+    count = len(prompts)
+    if len(seeds) != count:
+        raise ValueError(f"{count} prompts but {len(seeds)} seeds")
     if max_new_tokens is None:
-        return [params.max_new_tokens] * count
-    if len(max_new_tokens) != count:
-        raise ValueError(f"{count} prompts but {len(max_new_tokens)} token limits")
-    limits = [int(m) for m in max_new_tokens]
-    if any(m < 1 for m in limits):
-        raise ValueError(f"token limits must be at least 1, got {min(limits)}")
+        limits = [params.max_new_tokens] * count
+    else:
+        if len(max_new_tokens) != count:
+            raise ValueError(f"{count} prompts but {len(max_new_tokens)} token limits")
+        limits = [int(m) for m in max_new_tokens]
+        if any(m < 1 for m in limits):
+            raise ValueError(f"token limits must be at least 1, got {min(limits)}")
+    if max_model_len is not None:
+        for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+            if len(prompt) + limit > max_model_len:
+                raise ConfigError(
+                    f"prompt {i} has {len(prompt)} tokens and may generate {limit}, more than "
+                    f"the engine's max model length {max_model_len}: pass smaller token limits "
+                    "(the rollout loop does) or raise --max-model-len."
+                )
     return limits
-
-
-def check_context(
-    prompts: Sequence[Sequence[int]], limits: Sequence[int], max_model_len: int | None
-) -> None:
-    """Refuse a request whose prompt plus token limit exceeds the context, rather than cut
-    its limit silently (the rollout loop sends only requests that fit)."""
-    if max_model_len is None:
-        return
-    for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
-        if len(prompt) + limit > max_model_len:
-            raise ConfigError(
-                f"prompt {i} has {len(prompt)} tokens and may generate {limit}, more than the "
-                f"engine's max model length {max_model_len}: pass smaller token limits (the "
-                "rollout loop does) or raise --max-model-len."
-            )
 
 
 def request_seed(seed: int, *parts: int) -> int:

@@ -22,7 +22,6 @@ from drift_engine.rollout.engine import (
     Engine,
     Generation,
     SamplingParams,
-    check_context,
     request_limits,
     trim_at_stop,
 )
@@ -228,12 +227,9 @@ class HFEngine(Engine):
         seeds: Sequence[int],
         max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        limits = request_limits(prompts, seeds, params, max_new_tokens, self.max_model_len)
         if any(len(p) == 0 for p in prompts):
             raise ConfigError("cannot generate from an empty prompt.")
-        limits = request_limits(params, len(prompts), max_new_tokens)
-        check_context(prompts, limits, self.max_model_len)
         # Batches share a token limit (no row runs past its own); similar lengths together:
         # less padding. Results do not depend on the grouping.
         order = sorted(range(len(prompts)), key=lambda i: (limits[i], -len(prompts[i])))

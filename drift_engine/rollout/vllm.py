@@ -38,7 +38,6 @@ from drift_engine.rollout.engine import (
     Engine,
     Generation,
     SamplingParams,
-    check_context,
     request_limits,
     trim_at_stop,
 )
@@ -307,10 +306,8 @@ class VLLMEngine(Engine):
 
         if self.llm is None:
             raise RuntimeError("the vLLM engine is closed")
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        limits = request_limits(params, len(prompts), max_new_tokens)
-        check_context(prompts, limits, self.max_model_len)  # vLLM would cut or refuse
+        # vLLM would cut or refuse a request over the context
+        limits = request_limits(prompts, seeds, params, max_new_tokens, self.max_model_len)
         requests = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
         outputs = self.llm.generate(
             requests,
