@@ -79,26 +79,12 @@ def evaluate_multi_at_k(
     env: Environment,
     problems: Sequence[Problem],
     max_turns: int,
-    *,
-    max_new_tokens: int = 512,
-    chat_template: str | None = None,
-    progress: bool = False,
-    model: str = "",
-    benchmark: str = "",
+    **options: Any,
 ) -> MultiAtKResult:
-    """Greedy multi-turn episodes (one per problem) and their multi@1..K."""
-    result, _ = evaluate_episodes(
-        engine,
-        tokenizer,
-        env,
-        problems,
-        max_turns,
-        max_new_tokens=max_new_tokens,
-        chat_template=chat_template,
-        progress=progress,
-        model=model,
-        benchmark=benchmark,
-    )
+    """Greedy multi-turn episodes (one per problem) and their multi@1..K; ``options`` are
+    those of :func:`evaluate_episodes` (``max_new_tokens``, ``chat_template``, ``progress``,
+    ``model``, ``benchmark``)."""
+    result, _ = evaluate_episodes(engine, tokenizer, env, problems, max_turns, **options)
     return result
 
 
@@ -115,7 +101,8 @@ def evaluate_episodes(
     model: str = "",
     benchmark: str = "",
 ) -> tuple[MultiAtKResult, RolloutRun]:
-    """:func:`evaluate_multi_at_k`, and the episodes themselves (e.g. for a preview)."""
+    """Greedy multi-turn episodes (one per problem): their multi@1..K and the episodes
+    themselves (e.g. for a preview)."""
     run = collect_trajectories(
         engine,
         tokenizer,
