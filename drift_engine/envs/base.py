@@ -75,6 +75,41 @@ class Environment(ABC):
         return {}
 
 
+class PromptTemplateEnv(Environment):
+    """An environment whose first messages are an optional system prompt and the problem
+    filled into ``prompt_template`` (a str.format string with the fields
+    ``template_fields``), and whose feedback after a wrong answer is ``feedback``."""
+
+    template_fields: tuple[str, ...] = ("question",)
+
+    def __init__(self, *, prompt_template: str, system_prompt: str | None, feedback: str) -> None:
+        check_option_types(
+            self.name,
+            prompt_template=(prompt_template, str),
+            system_prompt=(system_prompt, (str, type(None))),
+            feedback=(feedback, str),
+        )
+        check_template(prompt_template, self.name, self.template_fields)
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.feedback = feedback
+
+    def prompt_messages(self, content: str) -> list[Message]:
+        """The system prompt (if any), then ``content`` (the filled template) as the user."""
+        messages: list[Message] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "prompt_template": self.prompt_template,
+            "system_prompt": self.system_prompt,
+            "feedback": self.feedback,
+        }
+
+
 def check_option_types(env_name: str, **options: tuple[Any, type | tuple[type, ...]]) -> None:
     """Raise EnvironmentSpecError naming the first option whose value is not of its type
     (``name=(value, types)``), e.g. a number given where a prompt text is expected."""
@@ -85,6 +120,23 @@ def check_option_types(env_name: str, **options: tuple[Any, type | tuple[type, .
             raise EnvironmentSpecError(
                 f"the {env_name} environment's option {name} must be {expected}, got {value!r}"
             )
+
+
+def check_template(template: str, env_name: str, fields: tuple[str, ...] = ("question",)) -> None:
+    """A prompt template is a str.format string with the given fields (literal braces doubled)."""
+    try:
+        template.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as err:
+        raise EnvironmentSpecError(
+            f"the {env_name} environment's prompt_template {template!r} is not a valid format "
+            f"string with the fields {{{'}, {'.join(fields)}}} ({err!r}); write literal braces "
+            "doubled, e.g. \\boxed{{}}."
+        ) from None
+    if "{question}" not in template:
+        raise EnvironmentSpecError(
+            f"the {env_name} environment's prompt_template must contain '{{question}}' "
+            f"(got {template!r})."
+        )
 
 
 def integer_value(value: Any, what: str) -> int:

@@ -12,17 +12,15 @@ response that is just the letter ("C", "C.", "(C)").
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from drift_engine.envs.base import (
     DEFAULT_FEEDBACK,
-    Environment,
     Message,
     Problem,
+    PromptTemplateEnv,
     StepResult,
-    check_option_types,
 )
-from drift_engine.envs.math import _check_template, _last_boxed, last_answer_tag
+from drift_engine.envs.math import _last_boxed, last_answer_tag
 from drift_engine.errors import EnvironmentSpecError
 
 LETTERS = "ABCDEFGHIJ"
@@ -97,11 +95,12 @@ def _options(problem: Problem) -> list[tuple[str, str]] | None:
     return pairs
 
 
-class ChoiceEnv(Environment):
+class ChoiceEnv(PromptTemplateEnv):
     """Multiple-choice questions with options A–J."""
 
     name = "choice"
     required_fields = ("question", "answer")
+    template_fields = ("question", "choices")
 
     def __init__(
         self,
@@ -110,16 +109,9 @@ class ChoiceEnv(Environment):
         system_prompt: str | None = None,
         feedback: str = DEFAULT_FEEDBACK,
     ) -> None:
-        check_option_types(
-            "choice",
-            prompt_template=(prompt_template, str),
-            system_prompt=(system_prompt, (str, type(None))),
-            feedback=(feedback, str),
+        super().__init__(
+            prompt_template=prompt_template, system_prompt=system_prompt, feedback=feedback
         )
-        _check_template(prompt_template, "choice", ("question", "choices"))
-        self.prompt_template = prompt_template
-        self.system_prompt = system_prompt
-        self.feedback = feedback
 
     def validate_problem(self, problem: Problem) -> None:
         super().validate_problem(problem)
@@ -155,11 +147,7 @@ class ChoiceEnv(Environment):
         options = _options(problem)
         listed = "" if options is None else "\n".join(f"{k}. {v}" for k, v in options)
         content = self.prompt_template.format(question=problem["question"], choices=listed)
-        messages: list[Message] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": re.sub(r"\n{3,}", "\n\n", content)})
-        return messages
+        return self.prompt_messages(re.sub(r"\n{3,}", "\n\n", content))
 
     def step(self, problem: Problem, answer: str, turn: int) -> StepResult:
         letter = extract_choice(answer, self.letters(problem))
@@ -173,10 +161,3 @@ class ChoiceEnv(Environment):
             answer=letter,
             correct=correct,
         )
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "prompt_template": self.prompt_template,
-            "system_prompt": self.system_prompt,
-            "feedback": self.feedback,
-        }

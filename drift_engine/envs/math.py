@@ -28,9 +28,9 @@ from typing import Any
 
 from drift_engine.envs.base import (
     DEFAULT_FEEDBACK,
-    Environment,
     Message,
     Problem,
+    PromptTemplateEnv,
     StepResult,
     check_option_types,
 )
@@ -457,24 +457,7 @@ def math_verify_available() -> bool:
 # --------------------------------------------------------------------------- environment
 
 
-def _check_template(template: str, env_name: str, fields: tuple[str, ...] = ("question",)) -> None:
-    """A prompt template is a str.format string with the given fields (literal braces doubled)."""
-    try:
-        template.format(**{f: "" for f in fields})
-    except (KeyError, IndexError, ValueError) as err:
-        raise EnvironmentSpecError(
-            f"the {env_name} environment's prompt_template {template!r} is not a valid format "
-            f"string with the fields {{{'}, {'.join(fields)}}} ({err!r}); write literal braces "
-            "doubled, e.g. \\boxed{{}}."
-        ) from None
-    if "{question}" not in template:
-        raise EnvironmentSpecError(
-            f"the {env_name} environment's prompt_template must contain '{{question}}' "
-            f"(got {template!r})."
-        )
-
-
-class MathEnv(Environment):
+class MathEnv(PromptTemplateEnv):
     """Free-form math answers checked against ``problem["answer"]``.
 
     Problem fields: ``question`` (str), ``answer`` (str or number; a ``\\boxed{}`` in it is
@@ -497,11 +480,11 @@ class MathEnv(Environment):
         sympy_timeout: float = 2.0,
         last_number_fallback: bool = False,
     ) -> None:
+        super().__init__(
+            prompt_template=prompt_template, system_prompt=system_prompt, feedback=feedback
+        )
         check_option_types(
             "math",
-            prompt_template=(prompt_template, str),
-            system_prompt=(system_prompt, (str, type(None))),
-            feedback=(feedback, str),
             use_math_verify=(use_math_verify, (bool, type(None))),
             last_number_fallback=(last_number_fallback, bool),
         )
@@ -515,15 +498,11 @@ class MathEnv(Environment):
                 f"the math environment's sympy_timeout must be a positive number of seconds "
                 f"(the time allowed to check one answer), got {sympy_timeout!r}"
             )
-        _check_template(prompt_template, "math")
         if use_math_verify and not math_verify_available():
             raise EnvironmentSpecError(
                 "use_math_verify=True but the math-verify package is not installed: "
                 "pip install 'drift-engine[math]' or leave use_math_verify unset."
             )
-        self.prompt_template = prompt_template
-        self.system_prompt = system_prompt
-        self.feedback = feedback
         self.use_math_verify = (
             math_verify_available() if use_math_verify is None else bool(use_math_verify)
         )
@@ -531,12 +510,7 @@ class MathEnv(Environment):
         self.last_number_fallback = last_number_fallback
 
     def initial_messages(self, problem: Problem) -> list[Message]:
-        messages: list[Message] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        content = self.prompt_template.format(question=problem["question"])
-        messages.append({"role": "user", "content": content})
-        return messages
+        return self.prompt_messages(self.prompt_template.format(question=problem["question"]))
 
     def reference_answer(self, problem: Problem) -> str:
         reference = str(problem["answer"])
@@ -578,9 +552,7 @@ class MathEnv(Environment):
 
     def config(self) -> dict[str, Any]:
         return {
-            "prompt_template": self.prompt_template,
-            "system_prompt": self.system_prompt,
-            "feedback": self.feedback,
+            **super().config(),
             "use_math_verify": self.use_math_verify,
             "sympy_timeout": self.sympy_timeout,
             "last_number_fallback": self.last_number_fallback,
