@@ -148,6 +148,23 @@ def _normalisation_groups(rollouts: RolloutSet, config: WeightingConfig) -> Tens
     return rollouts.group_ids
 
 
+def _returns_from_rewards(rollouts: RolloutSet, config: WeightingConfig) -> Tensor:
+    """(S,) float64 returns of the stored rewards and penalties under ``config.gamma``."""
+    return compute_returns(
+        rollouts.turn_rewards,
+        config.gamma,
+        rollouts.format_penalty,
+        rollouts.repeat_penalty,
+        dtype=torch.float64,
+    )
+
+
+def _weights_from_returns(rollouts: RolloutSet, config: WeightingConfig, returns: Tensor) -> Tensor:
+    """(S,) weights of ``returns`` (S,), normalised over the sets ``config`` names."""
+    groups = _normalisation_groups(rollouts, config)
+    return compute_weights(returns, groups, config.beta, config.clip_max)
+
+
 def weights_for(rollouts: RolloutSet, config: WeightingConfig, override: bool = False) -> Tensor:
     """(S,) float32 weights of a ``RolloutSet``, checked before they reach training.
 
@@ -163,16 +180,8 @@ def weights_for(rollouts: RolloutSet, config: WeightingConfig, override: bool = 
         if rollouts.returns is not None and not override:
             returns = rollouts.returns
         else:
-            returns = compute_returns(
-                rollouts.turn_rewards,
-                config.gamma,
-                rollouts.format_penalty,
-                rollouts.repeat_penalty,
-                dtype=torch.float64,
-            )
-        weights = compute_weights(
-            returns, _normalisation_groups(rollouts, config), config.beta, config.clip_max
-        )
+            returns = _returns_from_rewards(rollouts, config)
+        weights = _weights_from_returns(rollouts, config, returns)
     _check_weights(weights)
     return weights
 
@@ -214,16 +223,8 @@ def attach_weights(
     the weights come from it at its precision, the stored returns are its float32 values.
     """
     if returns is None:
-        returns = compute_returns(
-            rollouts.turn_rewards,
-            config.gamma,
-            rollouts.format_penalty,
-            rollouts.repeat_penalty,
-            dtype=torch.float64,
-        )
-    weights = compute_weights(
-        returns, _normalisation_groups(rollouts, config), config.beta, config.clip_max
-    )
+        returns = _returns_from_rewards(rollouts, config)
+    weights = _weights_from_returns(rollouts, config, returns)
     stored = _narrow(returns.to(torch.float64), torch.float32)
     metadata = {
         **rollouts.metadata,
