@@ -7,6 +7,7 @@ import json
 import pytest
 
 from drift_engine.envs import DEFAULT_FEEDBACK, Environment, load_environment, load_problems
+from drift_engine.envs.base import PromptTemplateEnv
 from drift_engine.envs.choice import ChoiceEnv, extract_choice
 from drift_engine.envs.math import MathEnv, extract_math_answer, math_equal, normalize_math_answer
 from drift_engine.errors import ConfigError, EnvironmentSpecError
@@ -164,6 +165,33 @@ def test_choice_env_bad_problems():
         env.validate_problem({"question": "Q", "choices": ["x", "y"], "answer": "C"})
     with pytest.raises(EnvironmentSpecError, match="at most 10"):
         env.validate_problem({"question": "Q", "choices": list("abcdefghijk"), "answer": "A"})
+
+
+def test_prompt_template_env_checks_its_options_and_builds_messages():
+    class Riddle(PromptTemplateEnv):
+        name = "riddle"
+        template_fields = ("question", "hint")
+
+        def initial_messages(self, problem):
+            return self.prompt_messages(self.prompt_template.format(**problem))
+
+        def step(self, problem, answer, turn):
+            raise NotImplementedError
+
+    env = Riddle(prompt_template="{question} ({hint})", system_prompt="Be brief.", feedback="No.")
+    assert env.initial_messages({"question": "Q", "hint": "h"}) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q (h)"},
+    ]
+    assert env.config() == {
+        "prompt_template": "{question} ({hint})",
+        "system_prompt": "Be brief.",
+        "feedback": "No.",
+    }
+    with pytest.raises(EnvironmentSpecError, match="riddle environment's option feedback"):
+        Riddle(prompt_template="{question}", system_prompt=None, feedback=3)
+    with pytest.raises(EnvironmentSpecError, match=r"fields \{question\}, \{hint\}"):
+        Riddle(prompt_template="{question} {answer}", system_prompt=None, feedback="No.")
 
 
 # ---- registry and problems ------------------------------------------------------------------

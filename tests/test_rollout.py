@@ -29,6 +29,7 @@ from drift_engine.rollout import (
     shard_range,
     to_rollout_set,
 )
+from drift_engine.rollout.engine import request_limits
 from drift_engine.rollout.hf import HFEngine
 
 
@@ -87,6 +88,20 @@ def test_hf_engine_greedy_is_argmax(tokenizer, model):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert gen.token_ids == ids[len(prompt) :]
+
+
+def test_request_limits_checks_a_generate_call():
+    prompts, params = [[1, 2, 3], [4]], SamplingParams(max_new_tokens=5)
+    assert request_limits(prompts, [0, 1], params, None, None) == [5, 5]
+    assert request_limits(prompts, [0, 1], params, [2, 7], 10) == [2, 7]
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        request_limits(prompts, [0], params, None, None)
+    with pytest.raises(ValueError, match="2 prompts but 1 token limits"):
+        request_limits(prompts, [0, 1], params, [3], None)
+    with pytest.raises(ValueError, match="at least 1"):
+        request_limits(prompts, [0, 1], params, [3, 0], None)
+    with pytest.raises(ConfigError, match="prompt 0 has 3 tokens and may generate 5"):
+        request_limits(prompts, [0, 1], params, None, 7)
 
 
 def test_sampling_params_validation():
