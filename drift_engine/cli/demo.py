@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,6 +21,13 @@ from drift_engine.demo import (
 from drift_engine.errors import ConfigError
 
 _DEFAULTS = DemoConfig()
+
+
+def _config_option(flag: str, kind: Any, help_text: str) -> Callable[[Any], Any]:
+    """``flag`` with DemoConfig's default of the field it names (``--train-turns``:
+    ``train_turns``), shown in --help."""
+    default = getattr(_DEFAULTS, flag.removeprefix("--").replace("-", "_"))
+    return click.option(flag, type=kind, default=default, show_default=True, help=help_text)
 
 
 @click.command("demo")
@@ -43,35 +52,19 @@ _DEFAULTS = DemoConfig()
     help="Pretrain the toy reference model from scratch into OUT/guess-model first "
     "(seeded; several minutes on 2 CPU cores) and use it.",
 )
-@click.option(
-    "--samples-per-prompt",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.samples_per_prompt,
-    show_default=True,
-    help="Rollouts per training secret.",
-)
-@click.option(
+@_config_option("--samples-per-prompt", click.IntRange(min=1), "Rollouts per training secret.")
+@_config_option(
     "--steps",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.steps,
-    show_default=True,
-    help="Optimizer steps of DRIFT and of the rejection-sampling baseline each.",
+    click.IntRange(min=1),
+    "Optimizer steps of DRIFT and of the rejection-sampling baseline each.",
 )
-@click.option(
+@_config_option(
     "--train-turns",
-    type=click.Choice(["last", "all"]),
-    default=_DEFAULTS.train_turns,
-    show_default=True,
-    help="Assistant turns trained: the last of each trajectory (DRIFT default) or all.",
+    click.Choice(["last", "all"]),
+    "Assistant turns trained: the last of each trajectory (DRIFT default) or all.",
 )
 @weighting_options()
-@click.option(
-    "--seed",
-    type=int,
-    default=_DEFAULTS.seed,
-    show_default=True,
-    help="Seed of sampling and training.",
-)
+@_config_option("--seed", int, "Seed of sampling and training.")
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
