@@ -154,6 +154,13 @@ class RecipeConfig:
     beta: float | None = unset_variant(
         WeightingConfig, "beta", help=f"[default: {WeightingConfig().beta}, the library's]"
     )
+    normalize: Literal["group", "global"] = field_like(
+        WeightingConfig,
+        "normalize",
+        help="DRIFT weights: normalised over each problem's samples (group, the DRIFT "
+        "reference's way) or over all rollouts (global).",
+        flag="--normalize",
+    )
     methods: list[str] = option(
         default_factory=lambda: list(METHODS),
         help="Methods trained, comma-separated: drift, rejection, sft.",
@@ -194,7 +201,7 @@ class RecipeConfig:
 
     def weighting(self) -> WeightingConfig:
         given = {k: v for k, v in (("gamma", self.gamma), ("beta", self.beta)) if v is not None}
-        return WeightingConfig(**given)
+        return WeightingConfig(**given, normalize=self.normalize)
 
     def environment(self):
         """The environment, built with --env-opt as given, or with the recipe's math
@@ -614,6 +621,7 @@ def _data_stage(out: Path, config: RecipeConfig) -> tuple[dict[str, str], bool]:
 
 def _train_unit(out, config, method, seed, data_path, reference_model, progress):
     from drift_engine.train import CheckpointConfig, train
+    from drift_engine.train.checkpoint import drop_trainer_states
     from drift_engine.train.config import fixed_steps_config
 
     runs = out / "runs"
@@ -640,14 +648,17 @@ def _train_unit(out, config, method, seed, data_path, reference_model, progress)
     )
     started = time.perf_counter()
     result = train(train_config)
+    seconds = time.perf_counter() - started
     info = {
         "model": str(result.model),
         "steps": result.steps,
         "final_loss": (result.last_metrics or {}).get("loss"),
         "tokens_per_s": (result.last_metrics or {}).get("tokens_per_s"),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
     }
     _write_json(done, info)
+    # Finished runs are never resumed: keep the model exports, not the optimizer state.
+    drop_trainer_states(run_dir)
     return info, False
 
 
@@ -722,7 +733,7 @@ def plot_summary(summary: list[dict], path: Path, title: str | None = None) -> P
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title or "multi@k on the held-out problems")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -74,6 +74,9 @@ def test_recipe_writes_every_stage(recipe_run):
         assert row["gain_mean"] == pytest.approx(
             row["multi_at_k_mean"][-1] - row["multi_at_k_mean"][0]
         )
+    # finished runs keep their model exports, not the state only resume would read
+    assert len(list((out / "runs").glob("*/checkpoint-*/model"))) == 6
+    assert not list((out / "runs").glob("*/checkpoint-*/trainer"))
     table = (out / "results.md").read_text()
     assert "| DRIFT | 2 |" in table and "gain multi@3 − multi@1" in table
     assert (out / "multi_at_k.png").read_bytes()[:4] == b"\x89PNG"

@@ -71,6 +71,7 @@ from drift_engine.train.distributed import (
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_DIR = "trainer"  # the trainer state inside checkpoint-N/, beside the model export
 MODEL_CARD = "README.md"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 STATE_FORMAT_VERSION = 1
@@ -121,7 +122,7 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     found = []
     for child in out_dir.iterdir():
         match = _CHECKPOINT_RE.match(child.name)
-        if match and (child / "trainer" / "state.json").is_file():
+        if match and (child / TRAINER_DIR / "state.json").is_file():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
 
@@ -142,7 +143,7 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path:
             )
         return latest
     path = Path(resume)
-    if not (path / "trainer" / "state.json").is_file():
+    if not (path / TRAINER_DIR / "state.json").is_file():
         raise ConfigError(
             f"--resume {resume}: not a trainer checkpoint (no trainer/state.json inside); "
             f"pass a {CHECKPOINT_PREFIX}NNNNNN folder or 'latest'"
@@ -190,17 +191,17 @@ def save_checkpoint(
         _remove_leftovers(out_dir)
         if tmp.exists():
             shutil.rmtree(tmp)  # leftover of a run killed while saving
-        (tmp / "trainer" / "rng").mkdir(parents=True)
+        (tmp / TRAINER_DIR / "rng").mkdir(parents=True)
     barrier(ctx)
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     with _quiet_single_process():
         dcp.save(
             {"model": model_sd, "optim": optim_sd},
-            checkpoint_id=str(tmp / "trainer" / "dcp"),
+            checkpoint_id=str(tmp / TRAINER_DIR / "dcp"),
             no_dist=not ctx.is_distributed,
         )
-    torch.save(_rng_state(), tmp / "trainer" / "rng" / f"rank{ctx.rank:05d}.pt")
+    torch.save(_rng_state(), tmp / TRAINER_DIR / "rng" / f"rank{ctx.rank:05d}.pt")
 
     # Consolidated export: a collective under FSDP, materialised on the main rank only.
     full_sd = full_model_state_dict(model, ctx)
@@ -211,8 +212,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(export)
         if model_card is not None:
             (export / MODEL_CARD).write_text(model_card, encoding="utf-8")
-        torch.save(scheduler.state_dict(), tmp / "trainer" / "scheduler.pt")
-        _write_json(tmp / "trainer" / "state.json", asdict(state))
+        torch.save(scheduler.state_dict(), tmp / TRAINER_DIR / "scheduler.pt")
+        _write_json(tmp / TRAINER_DIR / "state.json", asdict(state))
     del full_sd
     barrier(ctx)
 
@@ -327,7 +328,7 @@ def _merged_lora_state_dict(
 
 def read_trainer_state(path: str | Path) -> TrainerState:
     """``path/trainer/state.json`` (JSON only: nothing is executed)."""
-    state_file = Path(path) / "trainer" / "state.json"
+    state_file = Path(path) / TRAINER_DIR / "state.json"
     try:
         raw = json.loads(state_file.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
@@ -371,7 +372,7 @@ def load_checkpoint(
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     bundle = {"model": model_sd, "optim": optim_sd}
-    dcp_dir = path / "trainer" / "dcp"
+    dcp_dir = path / TRAINER_DIR / "dcp"
     reader = _SafeFileSystemReader(str(dcp_dir))
     try:
         reader.read_metadata()  # first on its own, for a clear error (dcp.load rereads it)
@@ -391,11 +392,11 @@ def load_checkpoint(
         optim_state_dict=bundle["optim"],
         options=_DCP_OPTIONS,
     )
-    scheduler.load_state_dict(_torch_load(path / "trainer" / "scheduler.pt"))
+    scheduler.load_state_dict(_torch_load(path / TRAINER_DIR / "scheduler.pt"))
 
-    rng_file = path / "trainer" / "rng" / f"rank{ctx.rank:05d}.pt"
+    rng_file = path / TRAINER_DIR / "rng" / f"rank{ctx.rank:05d}.pt"
     if not rng_file.exists():
-        rng_file = path / "trainer" / "rng" / f"rank{0:05d}.pt"
+        rng_file = path / TRAINER_DIR / "rng" / f"rank{0:05d}.pt"
     try:
         _set_rng_state(_torch_load(rng_file))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -578,3 +579,14 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def drop_trainer_states(out_dir: str | Path) -> int:
+    """Delete the trainer state (``checkpoint-N/trainer/``, what resume reads: optimizer
+    moments, RNG, data position) of every checkpoint in ``out_dir``, keeping the model
+    exports; for a finished run that will not be resumed. Returns the bytes freed."""
+    freed = 0
+    for state in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*/{TRAINER_DIR}"):
+        freed += sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+        shutil.rmtree(state)
+    return freed
