@@ -263,8 +263,9 @@ def test_non_finite_returns_and_weights_are_named():
 def test_uniform_sets_of_the_sft_baselines():
     from dataclasses import replace
 
-    from drift_engine.weighting import solved_trajectories, uniform_set
     from factories import make_rollouts
+
+    from drift_engine.weighting import solved_trajectories, uniform_set
 
     rollouts = make_rollouts()
     last = torch.nan_to_num(rollouts.turn_rewards, nan=-1.0).max(dim=1).values  # (S,)
