@@ -42,7 +42,7 @@ from typing import Any, Literal
 from drift_engine.envs.word_problems import ProblemLevel
 from drift_engine.errors import ConfigError
 from drift_engine.fields import at_least, check_fields, field_like, option, unset_variant
-from drift_engine.files import write_text_atomic
+from drift_engine.files import atomic_path, write_text_atomic
 from drift_engine.rollout_config import EnvEngineConfig, RolloutConfig
 from drift_engine.train.config import DataConfig, DTypeName, OptimConfig, TrainTurns
 from drift_engine.weighting_config import WeightingConfig
@@ -148,6 +148,14 @@ class RecipeConfig:
         check=at_least(2),
     )  # fmt: skip
     rollout_seed: int = option(0, help="Seed of the rollouts.", flag="--rollout-seed")
+    rollouts_from: str = option(
+        "",
+        help="Another recipe folder whose rollouts to train on instead of sampling new ones "
+        "(its settings that shape the rollouts must be these), e.g. to compare more methods "
+        "or weightings on the same rollouts.",
+        flag="--rollouts-from",
+        metavar="DIR",
+    )
     gamma: float | None = unset_variant(
         WeightingConfig, "gamma", help=f"[default: {WeightingConfig().gamma}, the library's]"
     )
@@ -430,6 +438,8 @@ def run_recipe(
     config = (config or RecipeConfig()).validate()
     out = Path(out_dir)
     continuing = check_recipe_out(out, config)
+    if config.rollouts_from:
+        check_rollouts_from(Path(config.rollouts_from), config)
     problems_train = _problems(config.train_problems, "train", config.num_train, config.level)
     problems_eval = _problems(config.eval_problems, "heldout", config.num_eval, config.level)
     out.mkdir(parents=True, exist_ok=True)
@@ -549,6 +559,10 @@ def _rollout_stage(out, config, engines, tokenizer, env, problems, reference_mod
     info_path = folder / "rollouts.json"
     if info_path.is_file():
         return {**_read_json(info_path), "skipped": True}
+    if config.rollouts_from:
+        info = _copy_rollouts(Path(config.rollouts_from), folder, config)
+        log(f"rollouts: {info['trajectories']} trajectories of {config.rollouts_from}, reused")
+        return {**info, "skipped": False}
     path = folder / "rollouts.safetensors"
     started = time.perf_counter()
     batch = len(problems) * config.samples_per_problem
@@ -597,6 +611,43 @@ def _rollout_stage(out, config, engines, tokenizer, env, problems, reference_mod
         + f"; {generated} generated tokens in {seconds:.0f} s"
     )
     return {**info, "skipped": False}
+
+
+# The settings that shape a recipe's rollouts: another run's rollouts serve this one when
+# they agree on all of them.
+ROLLOUT_SETTINGS = ("model", "engine", "dtype", "env", "env_options", "level", "train_problems",
+                    "num_train", "samples_per_problem", "max_turns", "max_new_tokens",
+                    "temperature", "max_model_len", "rollout_seed")  # fmt: skip
+ROLLOUT_FILES = ("rollouts.safetensors", "preview.jsonl", "rollouts.json")
+
+
+def check_rollouts_from(source: Path, config: RecipeConfig) -> None:
+    """Raise unless the recipe folder ``source`` holds finished rollouts sampled with this
+    configuration's rollout settings (``ROLLOUT_SETTINGS``)."""
+    settings = source / CONFIG_FILE
+    if not settings.is_file() or not (source / "rollouts" / ROLLOUT_FILES[-1]).is_file():
+        raise ConfigError(
+            f"--rollouts-from {source}: not a recipe folder with finished rollouts "
+            f"({CONFIG_FILE} and rollouts/{ROLLOUT_FILES[-1]})"
+        )
+    theirs, ours = _read_json(settings)["config"], config.to_json()
+    differ = [k for k in ROLLOUT_SETTINGS if theirs.get(k) != ours[k]]
+    if differ:
+        diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
+        raise ConfigError(f"--rollouts-from {source} sampled its rollouts otherwise ({diff})")
+
+
+def _copy_rollouts(source: Path, folder: Path, config: RecipeConfig) -> dict:
+    """Copy the rollouts of the recipe folder ``source`` into ``folder`` (rollouts.json
+    last, so a crash leaves the stage to do again); returns their rollouts.json."""
+    import shutil
+
+    check_rollouts_from(source, config)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ROLLOUT_FILES:
+        with atomic_path(folder / name) as tmp:
+            shutil.copyfile(source / "rollouts" / name, tmp)
+    return {**_read_json(folder / ROLLOUT_FILES[-1]), "copied_from": str(source)}
 
 
 def _data_stage(out: Path, config: RecipeConfig) -> tuple[dict[str, str], bool]:

@@ -116,6 +116,40 @@ def test_rerun_continues_and_other_settings_are_refused(recipe_run):
     assert "other settings (steps: 2 -> 3)" in other.output
 
 
+def test_rollouts_from_another_run_are_reused_when_they_match(recipe_run, tmp_path):
+    out, args, first = recipe_run
+    assert first.exit_code == 0, first.output
+    at = args.index("--out")
+    base = [*args[:at], *args[at + 2 :]]
+    methods, seeds = base.index("--seeds"), ["--methods", "drift", "--normalize", "global"]
+    base = [*base[:methods], *base[methods + 2 :], "--seeds", "0", *seeds]
+    other = CliRunner().invoke(
+        cli, [*base, "--out", str(tmp_path / "a"), "--rollouts-from", str(out)]
+    )
+    assert other.exit_code == 0, other.output
+    assert "trajectories of" in other.output and "reused" in other.output
+    copied = tmp_path / "a" / "rollouts" / "rollouts.safetensors"
+    assert copied.read_bytes() == (out / "rollouts" / "rollouts.safetensors").read_bytes()
+    report = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert report["config"]["normalize"] == "global" and report["training"]["drift-seed0"]
+    refused = CliRunner().invoke(
+        cli,
+        [*base, "--out", str(tmp_path / "b"), "--rollouts-from", str(out),
+         "--samples-per-problem", "4"],
+    )  # fmt: skip
+    assert refused.exit_code == 2
+    assert "sampled its rollouts otherwise (samples_per_problem: 8 there, 4 here)" in (
+        refused.output
+    )
+    missing = CliRunner().invoke(
+        cli, [*base, "--out", str(tmp_path / "c"), "--rollouts-from", str(tmp_path)]
+    )
+    assert missing.exit_code == 2 and "not a recipe folder with finished rollouts" in (
+        missing.output
+    )
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused first
+
+
 def test_summary_statistics():
     def run(*values):
         return {"multi_at_k": {str(k): v for k, v in enumerate(values, start=1)}}
