@@ -38,6 +38,7 @@ from drift_engine.envs.guess import (
 )
 from drift_engine.errors import ConfigError
 from drift_engine.kernels.labels import IGNORE_INDEX
+from drift_engine.weighting_config import WeightingConfig
 
 if TYPE_CHECKING:
     from drift_engine.evaluate import MultiAtKResult
@@ -374,9 +375,9 @@ class DemoConfig:
     samples_per_prompt: int = 64
     temperature: float = 1.0
     max_new_tokens: int = 8
-    # DRIFT weights (the reference code's defaults)
-    gamma: float = 0.7
-    beta: float = 0.2
+    # DRIFT weights (the library's defaults)
+    gamma: float = WeightingConfig().gamma
+    beta: float = WeightingConfig().beta
     # weighted SFT; the rejection-sampling baseline gets the same number of optimizer steps
     train_turns: str = "all"
     steps: int = 120
@@ -389,8 +390,6 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from drift_engine.weighting import WeightingConfig
-
         WeightingConfig(gamma=self.gamma, beta=self.beta)  # bad values fail now, not later
 
     def resolved_model_dir(self) -> Path:
@@ -455,12 +454,7 @@ def run_demo(
     from drift_engine.rollout.hf import HFEngine
     from drift_engine.train import train
     from drift_engine.train.config import fixed_steps_config
-    from drift_engine.weighting import (
-        WeightingConfig,
-        attach_weights,
-        solved_trajectories,
-        uniform_set,
-    )
+    from drift_engine.weighting import attach_weights, solved_trajectories, uniform_set
 
     config = config or DemoConfig()
     out = Path(out_dir)
