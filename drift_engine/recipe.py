@@ -625,10 +625,12 @@ def check_rollouts_from(source: Path, config: RecipeConfig) -> None:
     """Raise unless the recipe folder ``source`` holds finished rollouts sampled with this
     configuration's rollout settings (``ROLLOUT_SETTINGS``)."""
     settings = source / CONFIG_FILE
-    if not settings.is_file() or not (source / "rollouts" / ROLLOUT_FILES[-1]).is_file():
+    if not settings.is_file() or not all(
+        (source / "rollouts" / name).is_file() for name in ROLLOUT_FILES
+    ):
         raise ConfigError(
             f"--rollouts-from {source}: not a recipe folder with finished rollouts "
-            f"({CONFIG_FILE} and rollouts/{ROLLOUT_FILES[-1]})"
+            f"({CONFIG_FILE} and rollouts/{', rollouts/'.join(ROLLOUT_FILES)})"
         )
     theirs, ours = _read_json(settings)["config"], config.to_json()
     differ = [k for k in ROLLOUT_SETTINGS if theirs.get(k) != ours[k]]
