@@ -25,6 +25,23 @@ def _load(name: str):
     return module
 
 
+def _first_packed_batch(tmp_path):
+    import torch
+
+    """The train-throughput benchmark's CPU workspace, its trainer and first micro-batch."""
+    train_throughput = _load("train_throughput")
+    preset = dict(train_throughput.PRESETS["cpu"], compile=False)
+    model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
+    cpu = torch.device("cpu")
+    trainer = train_throughput.make_trainer(model_dir, data, tmp_path / "out", preset, cpu, 0)
+    return (
+        train_throughput,
+        model_dir,
+        trainer,
+        trainer.pack_micro_batch(trainer.epoch_plan(0).micro_batches[0]),
+    )
+
+
 def test_loss_kernel_cpu_preset_rows_are_accurate():
     loss_kernel = _load("loss_kernel")
     report = loss_kernel.run(
@@ -93,12 +110,7 @@ def test_hf_packed_side_computes_the_trainers_loss(tmp_path):
 
     from drift_engine.models.loss import weighted_sft_loss
 
-    train_throughput = _load("train_throughput")
-    preset = dict(train_throughput.PRESETS["cpu"], compile=False)
-    model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
-    cpu = torch.device("cpu")
-    trainer = train_throughput.make_trainer(model_dir, data, tmp_path / "out", preset, cpu, 0)
-    batch = trainer.pack_micro_batch(trainer.epoch_plan(0).micro_batches[0])
+    train_throughput, model_dir, trainer, batch = _first_packed_batch(tmp_path)
     assert batch.num_trajectories > 1
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     model.config.use_cache = False
@@ -221,12 +233,7 @@ def test_liger_weighted_loss_matches_ours(tmp_path):
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
-    train_throughput = _load("train_throughput")
-    preset = dict(train_throughput.PRESETS["cpu"], compile=False)
-    model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
-    cpu = torch.device("cpu")
-    trainer = train_throughput.make_trainer(model_dir, data, tmp_path / "out", preset, cpu, 0)
-    batch = trainer.pack_micro_batch(trainer.epoch_plan(0).micro_batches[0])
+    train_throughput, model_dir, trainer, batch = _first_packed_batch(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     model.config.use_cache = False
     with torch.no_grad():
