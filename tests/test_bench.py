@@ -26,9 +26,9 @@ def _load(name: str):
 
 
 def _first_packed_batch(tmp_path):
+    """The train-throughput benchmark's CPU workspace, its trainer and first micro-batch."""
     import torch
 
-    """The train-throughput benchmark's CPU workspace, its trainer and first micro-batch."""
     train_throughput = _load("train_throughput")
     preset = dict(train_throughput.PRESETS["cpu"], compile=False)
     model_dir, data, _, _ = train_throughput.write_workspace(tmp_path, preset, 16, seed=0)
