@@ -1,5 +1,5 @@
 """Where commands write: checks made before any work, and atomic writes, so that nothing
-already written is lost and no reader ever sees half a file."""
+already written is lost and no reader ever sees half a file; the cache's root."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from drift_engine.errors import ConfigError
+
+CACHE_ENV = "DRIFT_ENGINE_CACHE"  # overrides the cache root (default ~/.cache/drift-engine)
+
+
+def cache_root() -> Path:
+    """Where converted models, downloaded model files and native builds are kept."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "drift-engine"
 
 
 def check_writable_location(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -55,4 +63,4 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-__all__ = ["atomic_path", "check_writable_location", "write_text_atomic"]
+__all__ = ["CACHE_ENV", "atomic_path", "cache_root", "check_writable_location", "write_text_atomic"]

