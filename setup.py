@@ -3,8 +3,10 @@
 They live inside the package, so the wheel, an editable install (any editable mode) and the
 source tree (PYTHONPATH=.) import them the same way, with no path mapping or link.
 
-There is no native extension: every op has a Triton and a pure-PyTorch path, and a C++/CUDA
-piece is only worth adding where it wins a benchmark against them.
+Nothing is compiled at install time, so the wheel is pure Python. The native CPU
+cross-entropy's source (drift_engine/csrc/) ships as package data and is compiled on the
+user's machine by `drift-engine native build` (drift_engine/ops/native.py); without it every
+op runs its Python backend.
 """
 
 from setuptools import find_packages, setup
@@ -14,7 +16,7 @@ setup(
     # The demo's tiny model and problems and the example train config, found at run time
     # through importlib.resources (drift_engine.assets.asset_path).
     package_data={
-        "drift_engine": ["py.typed"],
+        "drift_engine": ["py.typed", "csrc/*.cpp"],
         "drift_engine.assets": ["guess-model/*", "guess-problems/*.jsonl", "train.toml"],
         # the arithmetic word problems' train and held-out splits (drift_engine.envs.word_problems)
         "drift_engine.envs": ["data/*.jsonl"],

@@ -2,7 +2,7 @@
 and the GEMM floor.
 
     python bench/loss_kernel.py --preset llama3-8b|qwen2.5-3b|cpu-small|cpu-smollm2-135m|cpu-demo \
-        [--impl drift-triton,drift-torch,torch,liger,cce,cce-exact,floor] \
+        [--impl drift-triton,drift-torch,drift-torch-python,torch,liger,cce,cce-exact,floor] \
         [--op ce|logprobs|all] [--chunk-size C] [--reps R] [--threads T] [--json out.json]
 
 Workloads (one preset = N tokens, hidden size H, vocabulary V, dtype):
@@ -24,6 +24,10 @@ so that on a shared machine every row sees the same load, and the ratio to the f
 median of the per-round ratios; the process's CPU time (all threads) is reported next to the
 wall time, being far less sensitive to other processes. CPU presets run on ``--threads``
 threads (default: the preset's).
+
+"drift-torch" is the PyTorch backend as installed: on CPU with the native cross-entropy when
+it is built (``drift-engine native build``); "drift-torch-python" the same with the native
+code off.
 
 "floor" is cuBLAS alone: one GEMM (forward) and the three GEMMs logits, grad of hidden,
 grad of weight (forward+backward), in the input dtype.
@@ -73,9 +77,11 @@ PRESETS = {
     "cpu-demo": Preset(512, 64, 120, torch.float32, threads=2),
 }
 
-ALL_IMPLS = ["drift-triton", "drift-torch", "torch", "liger", "cce", "cce-exact", "floor"]
+ALL_IMPLS = [
+    "drift-triton", "drift-torch", "drift-torch-python", "torch", "liger", "cce", "cce-exact", "floor"
+]  # fmt: skip
 # Implementations that have a log-probs workload (the others compute a loss only).
-LOGPROB_IMPLS = {"drift-triton", "drift-torch", "torch", "floor"}
+LOGPROB_IMPLS = {"drift-triton", "drift-torch", "drift-torch-python", "torch", "floor"}
 
 
 @dataclasses.dataclass
@@ -173,6 +179,20 @@ def _autograd_case(name: str, inputs: Inputs, op: str, fn: Callable[[], torch.Te
     return Case(name, forward, forward_backward, output)
 
 
+def _without_native(case: Case, name: str) -> Case:
+    """``case`` run with the native CPU code off."""
+    from drift_engine.ops import native
+
+    def off(fn):
+        def run():
+            with native.disabled():
+                return fn()
+
+        return run
+
+    return Case(name, off(case.forward), off(case.forward_backward), off(case.output))
+
+
 def _floor_case(inputs: Inputs) -> Case:
     hidden, weight = inputs.hidden.detach(), inputs.weight.detach()
 
@@ -192,6 +212,11 @@ def build_cases(impl: str, inputs: Inputs, op: str, chunk_size: int | None = Non
     h, w, labels, tw = inputs.hidden, inputs.weight, inputs.labels, inputs.token_weights
     if impl == "floor":
         return [_floor_case(inputs)]
+    if impl == "drift-torch-python":
+        # The PyTorch backend with the native CPU code off (drift_engine/ops/native.py):
+        # what runs where it is not built.
+        cases = build_cases("drift-torch", inputs, op, chunk_size)
+        return [_without_native(case, "drift torch, Python only") for case in cases]
     if impl in ("drift-triton", "drift-torch"):
         from drift_engine.ops import fused_linear_cross_entropy, fused_linear_logprobs
 
@@ -475,6 +500,13 @@ def _cpu_name() -> str:
     return cpu_name()
 
 
+def _native_status() -> str:
+    """Whether the "drift-torch" rows ran the native CPU cross-entropy."""
+    from drift_engine.ops import native
+
+    return f"loaded {native.library_file().name}" if native.available() else "not built"
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -482,6 +514,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "native_cpu_cross_entropy": _native_status(),
     }
     for package in ("triton", "liger_kernel", "cut_cross_entropy"):
         try:
@@ -589,8 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         # before any kernel is defined.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     ops = ["ce", "logprobs"] if args.op == "all" else [args.op]
+    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(
-        f"device: {environment(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))['device']}\n"
+        f"device: {env['device']}; native CPU cross-entropy: {env['native_cpu_cross_entropy']}\n"
     )
     if args.chunk_size is not None and args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")

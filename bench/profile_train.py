@@ -39,7 +39,8 @@ import train_throughput  # noqa: E402  (sibling benchmark: presets, data, model 
 # Scopes: an operator inside one of these (itself or an ancestor in the profiler's call
 # tree) is counted there whatever its kernels are: the loss's GEMMs are loss time.
 SCOPES: list[tuple[str, re.Pattern]] = [
-    ("loss", re.compile(r"linearcrossentropy|linearlogprobs")),
+    # the Python autograd Functions, the native ops and the native autograd node
+    ("loss", re.compile(r"linearcrossentropy|linearlogprobs|drift_engine_native::|weightedcrossentropy")),
     ("optimizer", re.compile(r"optimizer\.|clip_grad|_foreach_norm|fused_adam")),
     ("attention", re.compile(r"attention|attn|flash|varlen")),
 ]

@@ -1,7 +1,9 @@
 """The package as a user installs it: build the wheel, install it into a fresh venv that
 cannot see the source tree, and run it from a folder outside the source tree: every
 subcommand's --help, the demo end to end (on its shipped model, no --rebuild-model) and
-one training run on the demo's output with the shipped example config.
+one training run on the demo's output with the shipped example config, all without the
+native CPU cross-entropy (an empty cache, as on a machine without a compiler); then the
+native build from the installed source, which the ops then use.
 
 An editable install (what the other tests use) imports the source tree and hides what a
 wheel lacks: package data left out, an import that only works because some other module
@@ -54,6 +56,7 @@ def installed(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["DRIFT_ENGINE_CACHE"] = str(tmp / "cache")  # no native build until the last test
 
     source = tmp / "source"
     shutil.copytree(ROOT, source, symlinks=True, ignore=_NOT_SOURCE)
@@ -159,3 +162,38 @@ def test_demo_then_train_from_the_wheel(installed):
     ).stdout
     assert "trained 1 steps" in out, out
     assert list((work / "run").glob("checkpoint-*/model/model.safetensors"))
+
+
+def test_native_build_from_the_wheel(installed):
+    """The C++ source ships in the wheel, builds there, and the installed ops load it and
+    give the Python backend's loss and gradients."""
+    cli, python, work, env = (
+        installed["cli"],
+        installed["python"],
+        installed["work"],
+        installed["env"],
+    )
+    assert _run([cli, "native", "status"], work, env).stdout.startswith("not built")
+    assert _run([cli, "native", "build"], work, env).stdout.startswith("built ")
+    assert _run([cli, "native", "status"], work, env).stdout.startswith("loaded ")
+    code = """
+import torch
+from drift_engine import fused_linear_cross_entropy
+from drift_engine.ops import native
+assert native.available()
+torch.manual_seed(0)
+hidden, weight = torch.randn(50, 16), torch.randn(40, 16)
+labels, weights = torch.randint(0, 40, (50,)), torch.rand(50)
+def run():
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, token_weights=weights)
+    loss.backward()
+    return loss, h.grad, w.grad
+native_result = run()
+with native.disabled():
+    python_result = run()
+for a, b in zip(native_result, python_result):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+print("native equals python")
+"""
+    assert "native equals python" in _run([python, "-c", code], work, env).stdout

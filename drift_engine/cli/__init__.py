@@ -27,6 +27,7 @@ _COMMANDS = {
     "convert": "drift_engine.cli.convert:convert",
     "demo": "drift_engine.cli.demo:demo",
     "recipe": "drift_engine.cli.recipe:recipe",
+    "native": "drift_engine.cli.native:native",
 }
 
 _SHORT_HELP = {
@@ -36,6 +37,7 @@ _SHORT_HELP = {
     "convert": "Import the DRIFT reference's rollout JSONL into rollouts.safetensors.",
     "demo": "End-to-end DRIFT on the embedded toy environment and tiny model (CPU).",
     "recipe": "DRIFT vs rejection sampling vs SFT on a real model (SmolLM2-135M), one CPU.",
+    "native": "Build (or report on) the native CPU cross-entropy for this machine.",
 }
 
 

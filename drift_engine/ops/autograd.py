@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from drift_engine.ops import validation
-from drift_engine.ops.library import option_values, run_op
+from drift_engine.ops import backends, native, torch_impl, validation
+from drift_engine.ops.library import option_values, plain_eager, run_op
 from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
 
 
@@ -228,6 +228,8 @@ def linear_cross_entropy(
     )
     if opts.reduction == "none":
         return PerTokenLinearCrossEntropy.apply(*args)
+    if _native_scalar_loss(args[0], args[1], args[2], opts):
+        return _native_weighted_loss(*args)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
@@ -240,6 +242,46 @@ def linear_cross_entropy(
         "ce_forward", hidden, weight, bias, labels, token_weights, None, *option_values(opts)
     )
     return torch.dot(row_coef, loss)
+
+
+def _native_scalar_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, opts
+) -> bool:
+    """Whether this scalar loss ("mean"/"sum", with or without gradients) is one native call:
+    eager mode, plain tensors, the PyTorch backend, and what ``native.serves``."""
+    return (
+        plain_eager(hidden)
+        and backends.resolve_impl(opts.impl, hidden.device) == "torch"
+        and native.serves(hidden, weight, bias, opts.softcap)
+    )
+
+
+def _native_weighted_loss(
+    hidden: torch.Tensor,  # (N, H) fp32 contiguous
+    weight: torch.Tensor,  # (V, H) fp32 contiguous
+    bias: torch.Tensor | None,  # (V,) fp32
+    labels: torch.Tensor,  # (N,) int64 contiguous
+    token_weights: torch.Tensor | None,  # (N,)
+    opts: CrossEntropyOptions,
+) -> torch.Tensor:
+    """WeightedLinearCrossEntropy's loss and gradients as one native call, its autograd node
+    in C++ (drift_engine/csrc/cross_entropy_cpu.cpp); without gradients, the loss alone."""
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    if opts.check_labels:
+        validation.check_label_values(labels, vocab_size, opts.ignore_index, token_weights)
+    chunk = torch_impl.chunk_rows(num_tokens, vocab_size, opts.chunk_size, hidden.device)
+    return torch.ops.drift_engine_native.weighted_cross_entropy(
+        hidden,
+        weight,
+        bias,
+        labels,
+        token_weights,
+        opts.reduction == "mean",
+        opts.ignore_index,
+        chunk,
+        opts.label_smoothing,
+        opts.z_loss,
+    )
 
 
 def linear_logprobs(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from drift_engine.ops import native
 from drift_engine.ops.options import CrossEntropyOptions, LogProbOptions
 
 # Elements of one (chunk, V) fp32 buffer when chunk_size is not given: 64 Mi elements
@@ -203,6 +204,15 @@ def ce_forward(
     cap = opts.softcap
 
     chunk = chunk_rows(num_tokens, vocab_size, opts.chunk_size, device)
+    if native.serves(hidden, weight, bias, cap):
+        # the same chunks, each row's pass one native loop (drift_engine/csrc)
+        loss, lse, *grads = torch.ops.drift_engine_native.ce_forward(
+            hidden, weight, bias, labels, row_coef, opts.ignore_index, chunk, smoothing, z_loss
+        )
+        if row_coef is None:
+            return loss, lse, None, None, None
+        grad_hidden, grad_weight, grad_bias = grads
+        return loss, lse, grad_hidden, grad_weight, None if bias is None else grad_bias
     # One chunk of every row (the small heads): its row results are the outputs, no copies.
     single_chunk = chunk >= num_tokens
     if not single_chunk:

@@ -1,0 +1,35 @@
+"""``drift-engine native``: build the native CPU cross-entropy for this machine, or say
+whether the ops use it (drift_engine/ops/native.py)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+
+@click.command("native")
+@click.argument("action", type=click.Choice(["status", "build"]), default="status")
+@click.option("--verbose", is_flag=True, help="Print the compiler command.")
+def native(action: str, verbose: bool) -> None:
+    """Build (ACTION build, about 20 s) or report on (ACTION status) the native CPU
+    cross-entropy.
+
+    The build compiles drift_engine/csrc/cross_entropy_cpu.cpp against the installed torch
+    with the machine's C++ compiler ($CXX, else c++) into the cache ($DRIFT_ENGINE_CACHE,
+    default ~/.cache/drift-engine). Once built, the PyTorch backend's fp32 cross-entropy on
+    CPU uses it in every process; without it every op runs in Python, with the same results
+    to fp32 rounding. DRIFT_ENGINE_NATIVE=0 turns it off.
+    """
+    from drift_engine.ops import native as native_code
+
+    if action == "build":
+        click.echo(f"built {native_code.build(verbose=verbose)}")
+        return
+    path = native_code.library_file()
+    if os.environ.get(native_code.NATIVE_ENV, "1") == "0":
+        click.echo(f"off ({native_code.NATIVE_ENV}=0): every op runs its Python backend")
+    elif native_code.available():
+        click.echo(f"loaded {path}")
+    else:
+        click.echo(f"not built (no {path}); `drift-engine native build` builds it")
