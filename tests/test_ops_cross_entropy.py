@@ -444,3 +444,21 @@ def test_auto_uses_torch_backend_on_cpu():
         fused_linear_cross_entropy(*args, impl="auto"),
         fused_linear_cross_entropy(*args, impl="torch"),
     )
+
+
+def test_narrow_row_lse_is_exact_when_the_loss_reads_it():
+    """The narrow-row pass derives lse from log p[label]; with label smoothing or z-loss the
+    loss reads lse, and a label far below the row's top logit (log p = -1000 here) would
+    carry log p's rounding (6e-5) into it, so those losses take the max pass."""
+    from drift_engine.ops import native, torch_impl
+
+    hidden = torch.eye(4, 8)
+    weight = torch.zeros(16, 8)
+    weight[0, :4] = -1000.0  # logit -1000 at label 0 for every row, the others near 0
+    weight[1:, :4] = torch.randn(15, 4) * 0.1
+    labels = torch.zeros(4, dtype=torch.long)
+    truth = torch.logsumexp(hidden.double() @ weight.double().T, dim=1)
+    for opts in (CrossEntropyOptions(label_smoothing=0.1), CrossEntropyOptions(z_loss=1e-4)):
+        with native.disabled(), torch.no_grad():
+            _, lse, *_ = torch_impl.ce_forward(hidden, weight, None, labels, opts)
+        assert (lse.double() - truth).abs().max().item() < 1e-6

@@ -127,15 +127,18 @@ def _softmax_rows_(
     logits: torch.Tensor,  # (c, V) fp32; overwritten with the row softmax p
     safe_labels: torch.Tensor,  # (c, 1) int64
     target_logit: torch.Tensor,  # (c,) logits[i, label_i]
+    lse_in_loss: bool,  # label smoothing or z-loss: the loss reads lse
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse (c,), log p[label] (c,)), leaving the softmax in ``logits``.
 
     Rows of up to LOG_SOFTMAX_MAX_COLUMNS columns: ATen's in-place log_softmax then exp_,
     log p[label] read from it (as F.cross_entropy computes it) and lse = s_y - log p[label].
     ``max`` with its index (below) costs more than the whole softmax on such rows; on wide
-    rows the max-and-softmax pass is the faster one.
+    rows the max-and-softmax pass is the faster one. That lse carries the rounding of
+    |log p[label]|, which exceeds lse's own when the label is far less likely than the
+    row's top logit, so a loss that reads lse (smoothing, z-loss) takes the max pass.
     """
-    if logits.shape[1] > LOG_SOFTMAX_MAX_COLUMNS:
+    if logits.shape[1] > LOG_SOFTMAX_MAX_COLUMNS or lse_in_loss:
         lse = _softmax_lse_(logits)
         return lse, target_logit - lse
     log_probs = torch.log_softmax(logits, dim=1, out=logits)  # (c, V)
@@ -240,7 +243,9 @@ def ce_forward(
         target_logit = logits.gather(1, safe_labels).squeeze(1)  # (c,)
         mean_logit = logits.mean(dim=1) if smoothing > 0.0 else None  # (c,)
         # (c,) each; logits now holds the softmax p
-        lse_chunk, target_log_prob = _softmax_rows_(logits, safe_labels, target_logit)
+        lse_chunk, target_log_prob = _softmax_rows_(
+            logits, safe_labels, target_logit, lse_in_loss=smoothing > 0.0 or z_loss > 0.0
+        )
         probs = logits
         row_loss = target_log_prob * -(1.0 - smoothing)
         if smoothing > 0.0:
