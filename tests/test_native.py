@@ -191,3 +191,74 @@ def test_status_and_build_errors(tmp_path):
     assert done.stderr.startswith("error: no C++ compiler 'no-such-c++'"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("*.so*"))
+
+
+def test_many_parallel_tasks_and_chunks():
+    """Rows split over threads (V=4096: 8 rows per task) and uneven chunks; an out-of-range
+    label found by a worker thread comes back as the error."""
+    hidden, weight, bias, labels, token_weights = make_inputs(256, 16, 4096, bias=True)
+    options = dict(token_weights=token_weights, label_smoothing=0.1, z_loss=1e-3, chunk_size=37)
+    got = run(hidden, weight, bias, labels, **options)
+    python = run(hidden, weight, bias, labels, python=True, **options)
+    for g, p in zip(got, python, strict=True):
+        torch.testing.assert_close(g, p, rtol=2e-5, atol=1e-7)
+    labels[200] = -5
+    with pytest.raises(ValueError, match=r"labels\[200\] = -5 is outside"):
+        fused_linear_cross_entropy(hidden, weight, labels, bias=bias, check_labels=False)
+
+
+def test_masked_logits_get_exactly_zero_gradient():
+    """A -inf bias (a masked vocabulary entry) and logits far below the row's maximum
+    contribute exactly 0, as in the Python backend."""
+    hidden, weight, _, labels, token_weights = make_inputs(30, 8, 50, ignored=0.0)
+    labels = labels % 40
+    bias = torch.zeros(50)
+    bias[40:45] = -torch.inf
+    bias[45:] = -200.0
+    loss, _, grad_weight, grad_bias = run(hidden, weight, bias, labels, token_weights=token_weights)
+    assert torch.isfinite(loss).all()
+    assert (grad_bias[40:] == 0).all() and (grad_weight[40:] == 0).all()
+
+
+def test_a_build_that_does_not_load_falls_back(tmp_path):
+    env = {"DRIFT_ENGINE_CACHE": str(tmp_path)}
+    where = "from drift_engine.ops import native; print(native.library_file())"
+    path = subprocess.run(
+        [sys.executable, "-c", where], capture_output=True, text=True, env={**os.environ, **env}
+    ).stdout.strip()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"not a shared library")
+    done = _cli("native", "status", env=env)
+    assert done.returncode == 0 and done.stdout.startswith("built but not loaded"), done.stdout
+    assert "did not load" in done.stderr
+    code = (
+        "import torch; from drift_engine import fused_linear_cross_entropy as f; "
+        "print(f(torch.randn(4, 8), torch.randn(16, 8), torch.tensor([1, 2, 3, 4])).item())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
+
+
+def test_weight_check_without_a_host_synchronisation():
+    """check_labels=True on the native path: the op reads the weights and labels itself and
+    the errors are the Python path's FusedOpError; unchecked, a negative weight is a
+    coefficient like any other, as in the Python path."""
+    hidden, weight, _, labels, token_weights = make_inputs(20, 8, 33)
+    token_weights[5] = -1.0
+    with pytest.raises(FusedOpError, match=r"token_weights\[5\] = -1.0 is negative or not finite"):
+        fused_linear_cross_entropy(hidden, weight, labels, token_weights=token_weights)
+    token_weights[5] = float("nan")
+    with pytest.raises(FusedOpError, match=r"token_weights\[5\] = nan"):
+        fused_linear_cross_entropy(hidden, weight, labels, token_weights=token_weights)
+    token_weights[5] = -1.0
+    unchecked = dict(token_weights=token_weights, check_labels=False, reduction="sum")
+    got = run(hidden, weight, None, labels, **unchecked)
+    python = run(hidden, weight, None, labels, python=True, **unchecked)
+    for g, p in zip(got, python, strict=True):
+        torch.testing.assert_close(g, p, rtol=2e-5, atol=1e-6)

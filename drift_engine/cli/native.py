@@ -4,6 +4,7 @@ whether the ops use it (drift_engine/ops/native.py)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -26,10 +27,16 @@ def native(action: str, verbose: bool) -> None:
     if action == "build":
         click.echo(f"built {native_code.build(verbose=verbose)}")
         return
+    state = native_code.load_state()
+    if state == "off":
+        env_off = os.environ.get(native_code.NATIVE_ENV) == "0"
+        reason = f"{native_code.NATIVE_ENV}=0" if env_off else f"not Linux: {sys.platform}"
+        click.echo(f"off ({reason}): every op runs its Python backend")
+        return
     path = native_code.library_file()
-    if os.environ.get(native_code.NATIVE_ENV, "1") == "0":
-        click.echo(f"off ({native_code.NATIVE_ENV}=0): every op runs its Python backend")
-    elif native_code.available():
+    if state == "loaded":
         click.echo(f"loaded {path}")
+    elif state == "failed":
+        click.echo(f"built but not loaded ({path}; the warning above says why); rebuild it")
     else:
         click.echo(f"not built (no {path}); `drift-engine native build` builds it")

@@ -250,7 +250,7 @@ def _native_scalar_loss(
     """Whether this scalar loss ("mean"/"sum", with or without gradients) is one native call:
     eager mode, plain tensors, the PyTorch backend, and what ``native.serves``."""
     return (
-        plain_eager(hidden)
+        plain_eager(hidden, weight, bias)
         and backends.resolve_impl(opts.impl, hidden.device) == "torch"
         and native.serves(hidden, weight, bias, opts.softcap)
     )
@@ -267,21 +267,27 @@ def _native_weighted_loss(
     """WeightedLinearCrossEntropy's loss and gradients as one native call, its autograd node
     in C++ (drift_engine/csrc/cross_entropy_cpu.cpp); without gradients, the loss alone."""
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    if opts.check_labels:
-        validation.check_label_values(labels, vocab_size, opts.ignore_index, token_weights)
     chunk = torch_impl.chunk_rows(num_tokens, vocab_size, opts.chunk_size, hidden.device)
-    return torch.ops.drift_engine_native.weighted_cross_entropy(
-        hidden,
-        weight,
-        bias,
-        labels,
-        token_weights,
-        opts.reduction == "mean",
-        opts.ignore_index,
-        chunk,
-        opts.label_smoothing,
-        opts.z_loss,
-    )
+    try:
+        # check_labels costs no host synchronisation here: the op checks the labels in its
+        # row pass (always) and the weights as it reads them (when asked)
+        return torch.ops.drift_engine_native.weighted_cross_entropy(
+            hidden,
+            weight,
+            bias,
+            labels,
+            token_weights,
+            opts.reduction == "mean",
+            opts.ignore_index,
+            chunk,
+            opts.label_smoothing,
+            opts.z_loss,
+            opts.check_labels,
+        )
+    except ValueError:
+        if opts.check_labels:  # the same FusedOpError, with its advice, as the Python path
+            validation.check_label_values(labels, vocab_size, opts.ignore_index, token_weights)
+        raise
 
 
 def linear_logprobs(

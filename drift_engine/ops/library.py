@@ -84,14 +84,19 @@ def _custom_op(name: str, tensors: str, options_type: type, returns: str, fake: 
     return define
 
 
-def plain_eager(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a plain tensor in eager mode: not under torch.compile, not a
-    tensor subclass (fake and functional tensors of a trace) and not wrapped by a
-    torch.func transform (vmap, grad)."""
-    return (
-        type(tensor) is Tensor
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+def plain_eager(*tensors: Tensor | None) -> bool:
+    """Whether these tensors (None skipped) are plain tensors or parameters in eager mode:
+    not under torch.compile, no other tensor subclass (fake and functional tensors of a
+    trace), none wrapped by a torch.func transform (vmap, grad)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(
+        tensor is None
+        or (
+            type(tensor) in (Tensor, torch.nn.Parameter)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        )
+        for tensor in tensors
     )
 
 
@@ -99,7 +104,7 @@ def run_op(name: str, *args):
     """``torch.ops.drift_engine.<name>(*args)``. In eager mode on plain tensors, its
     implementation called directly (under no_grad: its outputs are not differentiable
     through ATen, as the op's are not); otherwise (``plain_eager`` false) the op itself."""
-    if plain_eager(args[0]):
+    if plain_eager(*args[:3]):  # hidden, weight, bias
         with torch.no_grad():
             return _IMPLEMENTATIONS[name](*args)
     return getattr(torch.ops.drift_engine, name)(*args)

@@ -6,11 +6,12 @@ it, loading it, and where the ops use it.
 
 ``build`` compiles the source against the installed torch with the machine's C++ compiler
 ($CXX, else c++) into the cache (``$DRIFT_ENGINE_CACHE``, default ~/.cache/drift-engine,
-under ``native/``). The file's name is a hash of the source, the compile command (torch's
-version and headers, the compiler, the flags) and the CPU's instruction set
-(``-march=native``), so a new torch, another compiler or another machine needs a new build
-and never loads a stale one. Without a build every op runs its Python backend: the results
-agree to fp32 rounding, only the speed differs. ``DRIFT_ENGINE_NATIVE=0`` turns it off.
+under ``native/``). The file's name is a hash of the source's content, torch's version and
+headers, the flags and the CPU's instruction set (``-march=native``), so a new torch or
+another machine needs a new build and never loads a stale one; which compiler built it does
+not enter (any build of the same source links the same torch). Without a build every op
+runs its Python backend: the results agree to fp32 rounding, only the speed differs.
+``DRIFT_ENGINE_NATIVE=0`` turns it off. Linux only.
 
 Where it serves (``serves``): the PyTorch backend's cross-entropy on CPU with fp32 hidden,
 weight and bias and no softcap. ``torch_impl.ce_forward`` runs its chunk loop natively
@@ -23,6 +24,7 @@ Python.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import os
@@ -54,23 +56,14 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
-def compile_command(output: Path) -> list[str]:
-    """The command that builds the shared library ``output`` from SOURCE."""
+def _torch_flags() -> list[str]:
+    """Compile and link flags for the installed torch: ABI, headers, libraries."""
     from torch.utils import cpp_extension
 
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     (torch_lib,) = cpp_extension.library_paths()[:1]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
-        _compiler(),
-        *CXX_FLAGS,
-        "-shared",
-        "-fPIC",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *includes,
-        str(SOURCE),
-        "-o",
-        str(output),
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in cpp_extension.include_paths()),
         f"-L{torch_lib}",
         "-lc10",
         "-ltorch_cpu",
@@ -79,32 +72,56 @@ def compile_command(output: Path) -> list[str]:
     ]
 
 
+def compile_command(output: Path) -> list[str]:
+    """The command that builds the shared library ``output`` from SOURCE."""
+    return [
+        _compiler(),
+        *CXX_FLAGS,
+        "-shared",
+        "-fPIC",
+        str(SOURCE),
+        "-o",
+        str(output),
+        *_torch_flags(),
+    ]
+
+
 def _cpu_features() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
+    """What -march=native compiles for: the CPU's model and feature flags (x86's "flags",
+    Arm's "Features" and "CPU part")."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return platform.processor()
     keys = ("flags", "features", "model name", "cpu part")
-    return "\n".join(
-        sorted({line for line in text.splitlines() if line.split(":")[0].strip() in keys})
-    )
+    lines = {line for line in text.splitlines() if line.split(":")[0].strip().lower() in keys}
+    return "\n".join(sorted(lines))
 
 
 @functools.cache
 def library_file() -> Path:
-    """Where this source, torch, compiler and CPU's build lives (it may not exist)."""
+    """Where the build of this source for this torch and CPU lives (it may not exist)."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(torch.__version__.encode())
-    key.update(" ".join(compile_command(Path("out"))).encode())
-    key.update(platform.machine().encode())
-    key.update(_cpu_features().encode())
+    for part in (
+        SOURCE.read_bytes(),
+        torch.__version__,
+        torch.version.git_version,
+        " ".join((*CXX_FLAGS, *_torch_flags())),
+        platform.machine(),
+        _cpu_features(),
+    ):
+        key.update(part if isinstance(part, bytes) else part.encode())
+        key.update(b"\0")
     return cache_root() / "native" / f"drift_engine_native-{key.hexdigest()[:16]}.so"
 
 
 def build(verbose: bool = False) -> Path:
     """Compile SOURCE into ``library_file()`` (replacing it atomically); return its path."""
+    if not sys.platform.startswith("linux"):
+        raise NativeBuildError(
+            f"the native CPU cross-entropy is built and loaded on Linux only (this is "
+            f"{sys.platform}); every op runs its Python backend here."
+        )
     target = library_file()
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
@@ -129,44 +146,53 @@ def build(verbose: bool = False) -> Path:
     return target
 
 
-_loaded: bool | None = None  # None: not tried yet in this process
-_disabled = False
+_state: str | None = None  # "loaded", "off", "missing", "failed"; None: not tried yet
+_disabled = contextvars.ContextVar("drift_engine_native_disabled", default=False)
 
 
-def _load() -> bool:
-    global _loaded
-    if _loaded is None:
-        _loaded = False
-        if os.environ.get(NATIVE_ENV, "1") != "0" and sys.platform.startswith("linux"):
-            path = library_file()
-            if path.is_file():
-                try:
-                    torch.ops.load_library(str(path))
-                    _loaded = True
-                except (OSError, RuntimeError) as err:
-                    warnings.warn(
-                        f"the native CPU cross-entropy at {path} did not load ({err}); the "
-                        "Python backend runs instead. Rebuild it with `drift-engine native "
-                        "build`.",
-                        stacklevel=3,
-                    )
-    return _loaded
+def load_state() -> str:
+    """Loads the library on the first call; then says how that went: "loaded", "off"
+    (DRIFT_ENGINE_NATIVE=0 or not Linux), "missing" (not built) or "failed" (built but
+    did not load; warned once)."""
+    global _state
+    if _state is None:
+        _state = _load()
+    return _state
+
+
+def _load() -> str:
+    if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return "off"
+    path = None
+    try:
+        path = library_file()
+        if not path.is_file():
+            return "missing"
+        torch.ops.load_library(str(path))
+        return "loaded"
+    except Exception as err:  # anything: the Python backend is always there to fall back on
+        warnings.warn(
+            f"the native CPU cross-entropy ({path or 'its build'}) did not load ({err}); the "
+            "Python backend runs instead. Rebuild it with `drift-engine native build`.",
+            stacklevel=4,
+        )
+        return "failed"
 
 
 def available() -> bool:
-    """Whether the native ops are loaded in this process (loading them on the first call)."""
-    return not _disabled and _load()
+    """Whether the native ops serve this context (loading them on the first call)."""
+    return not _disabled.get() and load_state() == "loaded"
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Run the block on the Python backend (the tests' and benchmarks' comparison)."""
-    global _disabled
-    before, _disabled = _disabled, True
+    """Run the block on the Python backend (the tests' and benchmarks' comparison); it holds
+    in this thread or task only."""
+    token = _disabled.set(True)
     try:
         yield
     finally:
-        _disabled = before
+        _disabled.reset(token)
 
 
 def serves(
