@@ -256,9 +256,27 @@ def test_weight_check_without_a_host_synchronisation():
     token_weights[5] = float("nan")
     with pytest.raises(FusedOpError, match=r"token_weights\[5\] = nan"):
         fused_linear_cross_entropy(hidden, weight, labels, token_weights=token_weights)
+    wide = token_weights.double()
+    wide[5] = 1e39  # finite in float64, inf as the fp32 weight both paths use
+    with pytest.raises(FusedOpError, match=r"token_weights\[5\] = inf"):
+        fused_linear_cross_entropy(hidden, weight, labels, token_weights=wide)
+    with native.disabled(), pytest.raises(FusedOpError, match=r"token_weights\[5\] = inf"):
+        fused_linear_cross_entropy(hidden, weight, labels, token_weights=wide)
     token_weights[5] = -1.0
     unchecked = dict(token_weights=token_weights, check_labels=False, reduction="sum")
     got = run(hidden, weight, None, labels, **unchecked)
     python = run(hidden, weight, None, labels, python=True, **unchecked)
     for g, p in zip(got, python, strict=True):
         torch.testing.assert_close(g, p, rtol=2e-5, atol=1e-6)
+
+
+def test_direct_op_calls_check_their_inputs():
+    """The ops are public in torch.ops: wrong shapes are errors, not reads out of bounds."""
+    hidden, weight, _, labels, _ = make_inputs(6, 8, 10)
+    op = torch.ops.drift_engine_native.ce_forward
+    with pytest.raises(ValueError, match="V > 0"):
+        op(hidden, weight[:0], None, labels, None, IGNORE, 6, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"labels must be \(N,\)"):
+        op(hidden, weight, None, labels[:3], None, IGNORE, 6, 0.0, 0.0)
+    with pytest.raises(ValueError, match="bias must be"):
+        op(hidden, weight, torch.zeros(9), labels, None, IGNORE, 6, 0.0, 0.0)

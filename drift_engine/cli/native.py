@@ -33,7 +33,11 @@ def native(action: str, verbose: bool) -> None:
         reason = f"{native_code.NATIVE_ENV}=0" if env_off else f"not Linux: {sys.platform}"
         click.echo(f"off ({reason}): every op runs its Python backend")
         return
-    path = native_code.library_file()
+    try:
+        path = native_code.library_file()
+    except OSError as err:  # e.g. the source file missing from the installation
+        click.echo(f"not available ({err}); every op runs its Python backend")
+        return
     if state == "loaded":
         click.echo(f"loaded {path}")
     elif state == "failed":

@@ -36,8 +36,8 @@ namespace {
 // vectorises (std::exp is a scalar library call): Cody-Waite reduction x = n·ln2 + r,
 // |r| <= ln2/2, and Cephes' degree-6 polynomial for exp(r): under 1 ulp from the exact
 // value (checked against double at 87 million points of [-87, 0]). Inputs below -87
-// (exp(-87) = 1.6e-38, the normal range's edge), -inf included, give 0, so a masked logit
-// gets an exact zero gradient; NaN stays NaN.
+// (exp(-87) = 1.6e-38, the normal range's edge) are flushed to 0, so a -inf (masked) logit
+// gets an exact zero gradient as in ATen; NaN stays NaN.
 inline float exp_nonpositive(float x) {
   const float clamped = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float
   const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
@@ -152,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor, Grads> forward_pass(
   TORCH_CHECK_VALUE(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
                     "hidden must be (N, H) and weight (V, H)");
   const int64_t N = hidden.size(0), V = weight.size(0);
+  TORCH_CHECK_VALUE(V > 0, "weight must have at least one row (V > 0)");
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == N, "labels must be (N,)");
   TORCH_CHECK_VALUE(!bias.has_value() || (bias->scalar_type() == at::kFloat &&
                                           bias->is_contiguous() && bias->dim() == 1 &&

@@ -286,7 +286,10 @@ def _native_weighted_loss(
         )
     except ValueError:
         if opts.check_labels:  # the same FusedOpError, with its advice, as the Python path
-            validation.check_label_values(labels, vocab_size, opts.ignore_index, token_weights)
+            try:
+                validation.check_label_values(labels, vocab_size, opts.ignore_index, token_weights)
+            except validation.FusedOpError as err:
+                raise err from None
         raise
 
 

@@ -174,7 +174,7 @@ def _load() -> str:
         warnings.warn(
             f"the native CPU cross-entropy ({path or 'its build'}) did not load ({err}); the "
             "Python backend runs instead. Rebuild it with `drift-engine native build`.",
-            stacklevel=4,
+            stacklevel=2,
         )
         return "failed"
 

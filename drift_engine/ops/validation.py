@@ -184,6 +184,8 @@ def check_label_values(
     bad_label = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)  # (N,)
     flags = [bad_label.any()]
     if token_weights is not None:
+        # the fp32 values the ops use (a float64 1e39 is inf there, -1e-50 is -0.0)
+        token_weights = token_weights.float()
         flags.append(((token_weights < 0) | ~torch.isfinite(token_weights)).any())
     found = torch.stack(flags).tolist()
     if found[0]:
