@@ -44,8 +44,10 @@ from drift_engine.files import atomic_path, cache_root
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cross_entropy_cpu.cpp"
 NATIVE_ENV = "DRIFT_ENGINE_NATIVE"  # "0" keeps every op on its Python backend
 # -fno-trapping-math lets the row pass's floor() vectorise (4x faster exp at V=120); the code
-# reads no floating-point exception flags.
-CXX_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-std=c++20")
+# reads no floating-point exception flags. -fopenmp makes at::parallel_for parallel (without
+# it ATen's header runs the loop on one thread); the library then needs libgomp.so.1, which
+# the dynamic loader finds already loaded by torch, so there is one OpenMP runtime.
+CXX_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c++20")
 
 
 class NativeBuildError(DriftError):
