@@ -1,5 +1,6 @@
 """Factories shared by the test modules: tiny tokenizers, random models, rollout sets,
-trainer configs and a scripted engine (no downloads; built in the test)."""
+trainer configs, a scripted engine and the fused losses' inputs (no downloads; built in the
+test)."""
 
 from __future__ import annotations
 
@@ -220,3 +221,32 @@ class ScriptedEngine(Engine):
 
 
 # ---- engine ---------------------------------------------------------------------------------
+
+
+# ---- the fused losses: hidden states, LM head, labels, token weights ---------------------
+
+
+def linear_loss_inputs(
+    num_tokens,
+    hidden_size,
+    vocab_size,
+    dtype=torch.float32,
+    *,
+    bias=False,
+    seed=0,
+    device="cpu",
+    ignored=0.2,
+    scale=1.0,
+):
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) with ~`ignored` of rows
+    ignored (-100), token_weights (N,) non-uniform; logits of standard deviation ~2·scale."""
+    gen = torch.Generator().manual_seed(seed)
+    # scale 1: a realistic spread, far from uniform or one-hot
+    hidden = torch.randn(num_tokens, hidden_size, generator=gen) / hidden_size**0.25
+    weight = 2 * scale * torch.randn(vocab_size, hidden_size, generator=gen) / hidden_size**0.25
+    bias_t = torch.randn(vocab_size, generator=gen) if bias else None
+    labels = torch.randint(0, vocab_size, (num_tokens,), generator=gen)
+    labels[torch.rand(num_tokens, generator=gen) < ignored] = -100
+    token_weights = torch.rand(num_tokens, generator=gen) * 2 + 0.05
+    cast = lambda t: None if t is None else t.to(device, dtype)
+    return cast(hidden), cast(weight), cast(bias_t), labels.to(device), token_weights.to(device)

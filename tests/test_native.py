@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from factories import linear_loss_inputs as make_inputs
 
 from drift_engine import fused_linear_cross_entropy
 from drift_engine.ops import FusedOpError, native
@@ -30,17 +31,6 @@ def built():
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-
-
-def make_inputs(num_tokens, hidden_size, vocab_size, *, bias=False, seed=0, ignored=0.2, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_tokens, hidden_size, generator=gen) / hidden_size**0.25
-    weight = 2 * scale * torch.randn(vocab_size, hidden_size, generator=gen) / hidden_size**0.25
-    bias_t = torch.randn(vocab_size, generator=gen) if bias else None
-    labels = torch.randint(0, vocab_size, (num_tokens,), generator=gen)
-    labels[torch.rand(num_tokens, generator=gen) < ignored] = IGNORE
-    token_weights = torch.rand(num_tokens, generator=gen) * 2 + 0.05
-    return hidden, weight, bias_t, labels, token_weights
 
 
 def run(hidden, weight, bias, labels, *, python=False, **options):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import linear_loss_inputs as make_inputs
 from kernel_utils import requires_kernels
 
 from drift_engine import FusedLinearCrossEntropy, fused_linear_cross_entropy
@@ -31,23 +32,6 @@ IMPL_DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() els
 TRITON_DTYPES = [torch.float32, torch.float16] + (
     [torch.bfloat16] if torch.cuda.is_available() else []
 )
-
-
-def make_inputs(
-    num_tokens, hidden_size, vocab_size, dtype, *, bias=False, seed=0, device="cpu", ignored=0.2
-):
-    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) with ~`ignored` of rows
-    ignored, token_weights (N,) non-uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    # Logits of standard deviation ~2: a realistic spread, far from uniform or one-hot.
-    hidden = torch.randn(num_tokens, hidden_size, generator=gen) / hidden_size**0.25
-    weight = 2 * torch.randn(vocab_size, hidden_size, generator=gen) / hidden_size**0.25
-    bias_t = torch.randn(vocab_size, generator=gen) if bias else None
-    labels = torch.randint(0, vocab_size, (num_tokens,), generator=gen)
-    labels[torch.rand(num_tokens, generator=gen) < ignored] = IGNORE
-    token_weights = torch.rand(num_tokens, generator=gen) * 2 + 0.05
-    cast = lambda t: None if t is None else t.to(device, dtype)
-    return cast(hidden), cast(weight), cast(bias_t), labels.to(device), token_weights.to(device)
 
 
 def assert_within_pytorch_error(actual, truth, baseline, what, *, baseline_error=None):

@@ -3,7 +3,6 @@ whether the ops use it (drift_engine/ops/native.py)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -28,9 +27,8 @@ def native(action: str, verbose: bool) -> None:
         click.echo(f"built {native_code.build(verbose=verbose)}")
         return
     state = native_code.load_state()
-    if state == "off":
-        env_off = os.environ.get(native_code.NATIVE_ENV) == "0"
-        reason = f"{native_code.NATIVE_ENV}=0" if env_off else f"not Linux: {sys.platform}"
+    if state in ("off", "unsupported"):
+        reason = f"{native_code.NATIVE_ENV}=0" if state == "off" else f"not Linux: {sys.platform}"
         click.echo(f"off ({reason}): every op runs its Python backend")
         return
     try:

@@ -148,14 +148,14 @@ def build(verbose: bool = False) -> Path:
     return target
 
 
-_state: str | None = None  # "loaded", "off", "missing", "failed"; None: not tried yet
+_state: str | None = None  # "loaded", "off", "unsupported", "missing", "failed"; None: not tried
 _disabled = contextvars.ContextVar("drift_engine_native_disabled", default=False)
 
 
 def load_state() -> str:
     """Loads the library on the first call; then says how that went: "loaded", "off"
-    (DRIFT_ENGINE_NATIVE=0 or not Linux), "missing" (not built) or "failed" (built but
-    did not load; warned once)."""
+    (DRIFT_ENGINE_NATIVE=0), "unsupported" (not Linux), "missing" (not built) or "failed"
+    (built but did not load; warned once)."""
     global _state
     if _state is None:
         _state = _load()
@@ -163,8 +163,10 @@ def load_state() -> str:
 
 
 def _load() -> str:
-    if os.environ.get(NATIVE_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(NATIVE_ENV, "1") == "0":
         return "off"
+    if not sys.platform.startswith("linux"):
+        return "unsupported"
     path = None
     try:
         path = library_file()
